@@ -1,0 +1,760 @@
+"""Importers: existing model populations → the zoo dataset layout of :mod:`sane_hf.zoo.dataset`.
+
+Every importer writes the same folder as :func:`~sane_hf.zoo.dataset.build_zoo` (parquet shards
+per split, dataset card, ``zoo_config.json``, ``zoo_summary.json``) with the columns of
+:data:`~sane_hf.zoo.dataset.ZOO_FEATURES`. What a source does not record is filled with
+"unknown" values: ``-1`` for integer columns, NaN for float columns (hyperparameters and
+properties), ``"unknown"`` for strings. Model ids are assigned in sorted order of the source's
+model names (file stems, trial folders, ``modeldir`` values); ``zoo_summary.json`` lists them
+under ``sources`` (index = model id). Splits are by model, seeded, 70/15/15 by default.
+
+Checkpoints are only ever read as tensors: ``*.safetensors`` with safetensors, ``*.pt``/``*.pth``
+and Model Zoos ``checkpoints`` files with ``torch.load(..., weights_only=True)`` (never a full
+unpickle). Checkpoints with NaN/Inf weights are dropped and counted; missing properties are
+filled with NaN and reported (warning, card note, summary).
+
+Importing resumes: each model is converted into ``out_dir/.partial/model-XXXXXX.parquet``
+(atomically, with a JSON marker); a rerun skips models already converted.
+
+Formats
+-------
+``folder`` (:func:`import_folder`)
+    A folder of checkpoint files (one checkpoint each) and an optional ``properties.csv`` or
+    ``properties.json`` keyed by file stem (CSV: a ``file``/``name``/``stem`` column; JSON: an
+    object ``{stem: {column: value}}`` or a list of records with a ``file`` key). Columns named
+    like zoo columns (``test_acc``, ``epoch``, ``lr``, ``model_id``, ...) are used, others are
+    ignored. Without a ``model_id`` column every file is its own model; without ``epoch`` the
+    epoch is ``-1`` (unknown). All files must share one architecture (keys and shapes).
+``modelzoos`` (:func:`import_modelzoos`)
+    The Model Zoos layout (Schürholt et al. 2022): one folder per trained model (found anywhere
+    below ``src`` by its ``params.json``) with ``params.json`` (flat ``"group::name"`` keys or
+    nested objects), ``result.json`` (JSON lines, one per epoch) and
+    ``checkpoint_<epoch>/checkpoints`` (a state_dict saved with ``torch.save``). Mapping:
+    :data:`MODELZOOS_PARAMS`; the epoch of a result line is its ``epoch`` key, else its
+    ``training_iteration``, and it is matched to ``checkpoint_<epoch>``.
+``unterthiner`` (:func:`import_unterthiner`)
+    The CNN zoo of Unterthiner et al. 2020 ("Predicting Neural Network Accuracy from Weights"):
+    ``weights.npy`` (``[n_checkpoints, n_params]``), ``metrics.csv`` (row ``i`` describes weight row
+    ``i``) and ``layout.csv`` (``varname,start_idx,end_idx,shape``; ``end_idx`` exclusive) or
+    ``layout.json`` (a list of such records). Mapping: :data:`UNTERTHINER_COLUMNS`; models are the
+    distinct ``modeldir`` values, the epoch is the ``epoch`` column, else ``step`` as stored.
+    TensorFlow variable names become state_dict keys: the ``:0`` suffix and a prefix shared by
+    all variables (e.g. ``sequential/``) are dropped, ``/`` becomes ``.``, and ``kernel``/``gamma``
+    → ``weight``, ``beta`` → ``bias``, ``moving_mean``/``moving_variance`` →
+    ``running_mean``/``running_var``. With ``torch_layout=True`` (default) kernels are transposed
+    to PyTorch's layout: conv ``(h, w, in, out)`` → ``(out, in, h, w)``, dense ``(in, out)`` →
+    ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import struct
+import time
+import warnings
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+
+from sane_hf.zoo.dataset import (
+    PROPERTY_COLUMNS,
+    ZOO_FEATURES,
+    ZooConfig,
+    _assemble,
+    _is_finite_state_dict,
+    _make_row,
+    _PartStore,
+    _prepare_out_dir,
+    load_zoo,
+    state_dict_from_bytes,
+    state_dict_to_bytes,
+)
+
+__all__ = [
+    "IMPORT_FORMATS",
+    "MODELZOOS_PARAMS",
+    "UNTERTHINER_COLUMNS",
+    "import_zoo",
+    "import_folder",
+    "import_modelzoos",
+    "import_unterthiner",
+    "load_checkpoint_file",
+]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+#: properties an importer tries to fill (``ggap`` is derived)
+_MEASURED = tuple(p for p in PROPERTY_COLUMNS if p != "ggap")
+
+#: Model Zoos ``params.json`` key → zoo column
+MODELZOOS_PARAMS: dict[str, str] = {
+    "seed": "seed",
+    "optim::lr": "lr",
+    "optim::wd": "weight_decay",
+    "optim::optimizer": "optimizer",
+    "model::nlin": "activation",
+    "model::init_type": "init",
+    "model::dropout": "dropout",
+    "training::batchsize": "batch_size",
+    "model::type": "arch",
+}
+#: result line key(s) → zoo column (first present wins)
+_RESULT_KEYS: dict[str, tuple[str, ...]] = {
+    "train_acc": ("train_acc", "train_accuracy"),
+    "val_acc": ("val_acc", "validation_acc", "val_accuracy"),
+    "test_acc": ("test_acc", "test_accuracy"),
+    "train_loss": ("train_loss",),
+    "test_loss": ("test_loss",),
+}
+#: Unterthiner ``metrics.csv`` column(s) → zoo column (first present wins)
+UNTERTHINER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "train_acc": ("train_accuracy", "train_acc"),
+    "val_acc": ("validation_accuracy", "val_accuracy", "val_acc"),
+    "test_acc": ("test_accuracy", "test_acc"),
+    "train_loss": ("train_loss",),
+    "test_loss": ("test_loss",),
+    "optimizer": ("config.optimizer",),
+    "lr": ("config.learning_rate",),
+    "activation": ("config.activation",),
+    "init": ("config.w_init",),
+    "dropout": ("config.dropout",),
+    "weight_decay": ("config.l2reg",),
+    "seed": ("config.random_seed", "config.seed"),
+    "batch_size": ("config.batch_size",),
+    "task": ("config.dataset",),
+    "epoch": ("epoch", "step"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading checkpoints (never a full unpickle)
+# ---------------------------------------------------------------------------------------------
+
+
+def _extract_state_dict(obj: Any, where: str) -> OrderedDict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return OrderedDict((str(k), v) for k, v in obj.items())
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return OrderedDict((str(k), v) for k, v in inner.items())
+    raise ValueError(
+        f"{where} does not hold a state_dict (a mapping of names to tensors, or one under "
+        "'state_dict' / 'model_state_dict' / 'model')"
+    )
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> OrderedDict[str, torch.Tensor]:
+    """A state_dict from ``*.safetensors`` or a torch file read with ``weights_only=True``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        # key order: as recorded by state_dict_to_bytes, else the file's (safetensors sorts keys)
+        return state_dict_from_bytes(path.read_bytes())
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle errors come in many types
+        raise ValueError(
+            f"cannot read {path} with torch.load(weights_only=True) ({err}); only tensors and plain "
+            "containers are loaded, never arbitrary pickled objects — re-save it as a state_dict or safetensors"
+        ) from err
+    return _extract_state_dict(obj, str(path))
+
+
+def _signature_of_file(path: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Keys and shapes (sorted by key) of a checkpoint file; safetensors: header only."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        return tuple(sorted((k, tuple(v["shape"])) for k, v in header.items()))
+    sd = load_checkpoint_file(path)
+    return tuple(sorted((k, tuple(v.shape)) for k, v in sd.items()))
+
+
+def _describe_difference(a: Sequence[tuple[str, tuple[int, ...]]], b: Sequence[tuple[str, tuple[int, ...]]]) -> str:
+    da, db = dict(a), dict(b)
+    parts = []
+    only_a = sorted(set(da) - set(db))
+    only_b = sorted(set(db) - set(da))
+    if only_a:
+        parts.append(f"missing keys {only_a[:3]}")
+    if only_b:
+        parts.append(f"extra keys {only_b[:3]}")
+    shapes = [f"{k}: {db[k]} vs {da[k]}" for k in sorted(set(da) & set(db)) if da[k] != db[k]]
+    if shapes:
+        parts.append("shapes " + "; ".join(shapes[:3]))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared driver
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """One model of the source: ``convert()`` returns its checkpoints as value dicts with a ``state_dict``."""
+
+    model_id: int
+    source: str
+    convert: Callable[[], list[dict[str, Any]]]
+
+    @property
+    def part(self) -> str:
+        return f"model-{self.model_id:06d}"
+
+
+def _num(value: Any) -> float | None:
+    """A float from CSV/JSON values ('' / None / non-numbers → None)."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _coerce(column: str, value: Any) -> Any:
+    """A value for zoo ``column`` (None when missing or unparsable)."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    dtype = ZOO_FEATURES[column].dtype
+    if dtype == "string":
+        return str(value)
+    x = _num(value)
+    if x is None or (dtype.startswith("int") and not math.isfinite(x)):
+        return None
+    return int(x) if dtype.startswith("int") else x
+
+
+def _run_import(
+    fmt: str,
+    src: Path,
+    out_dir: Path,
+    units: Callable[[], list[_Unit]],
+    *,
+    options: Mapping[str, Any],
+    arch: str,
+    task: str,
+    seed: int,
+    split_fractions: Sequence[float],
+    overwrite: bool,
+    progress: bool,
+    cache_dir: str | None,
+    notes: Sequence[str] = (),
+) -> DatasetDict:
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    out_dir = Path(out_dir)
+    options = {"src": str(src.resolve()), **options}
+    identity = {
+        "source": f"import:{fmt}",
+        "import_options": options,
+        "seed": seed,
+        "split_fractions": list(split_fractions),
+        "arch": arch,
+        "task": task,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _prepare_out_dir(out_dir, identity, overwrite, f"import --format {fmt}"):
+        return load_zoo(out_dir, cache_dir=cache_dir)
+    store = _PartStore(out_dir)
+    store.check_request(identity)
+
+    todo_units = units()
+    if not todo_units:
+        raise ValueError(f"{src} holds no models in the {fmt!r} layout (see sane_hf.zoo.importers docs)")
+    for unit in tqdm(todo_units, desc=f"importing {fmt}", unit="model", disable=not progress):
+        if store.done(unit.part):
+            continue
+        rows, dropped, missing = [], [], Counter()
+        for values in unit.convert():
+            sd = values.pop("state_dict")
+            values["model_id"] = unit.model_id
+            if values.get("arch") in (None, "unknown"):
+                values["arch"] = arch
+            if values.get("task") in (None, "unknown"):
+                values["task"] = task
+            if not _is_finite_state_dict(sd):
+                dropped.append([unit.model_id, int(values.get("epoch") if values.get("epoch") is not None else -1)])
+                continue
+            for prop in _MEASURED:
+                v = values.get(prop)
+                if v is None or not math.isfinite(float(v)):
+                    missing[prop] += 1
+            values["weights"] = state_dict_to_bytes(sd)
+            rows.append(_make_row(values))
+        rows.sort(key=lambda r: r["epoch"])
+        store.write(unit.part, rows, {"model_ids": [unit.model_id], "source": unit.source,
+                                      "dropped": dropped, "missing": dict(missing)})
+
+    infos = store.infos()
+    dropped_all = [d for info in infos.values() for d in info["dropped"]]
+    missing_all: Counter = Counter()
+    for info in infos.values():
+        missing_all.update(info["missing"])
+    notes = list(notes)
+    if dropped_all:
+        msg = f"dropped {len(dropped_all)} checkpoint(s) with NaN/Inf weights (model, epoch): {dropped_all[:20]}"
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
+    if missing_all:
+        msg = "properties missing in the source (filled with NaN): " + ", ".join(
+            f"{k} for {v} checkpoint(s)" for k, v in sorted(missing_all.items())
+        )
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
+    epochs = [0]
+    for table in store.tables():
+        epochs.extend(e for e in table.column("epoch").to_pylist() if e >= 0)
+    config = ZooConfig(
+        task=task,
+        arch=arch,
+        num_models=len(todo_units),
+        epochs=max(epochs),
+        seed=seed,
+        split_fractions=tuple(split_fractions),
+        source=f"import:{fmt}",
+        import_options=options,
+    )
+    sources = [u.source for u in sorted(todo_units, key=lambda u: u.model_id)]
+    _assemble(
+        out_dir,
+        store,
+        config,
+        notes=notes,
+        extra_summary={
+            "dropped_checkpoints": len(dropped_all),
+            "missing_properties": dict(missing_all),
+            "sources": sources,
+            "build_seconds": round(time.perf_counter() - start, 3),
+        },
+    )
+    store.remove()
+    return load_zoo(out_dir, cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# folder of checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_properties(path: Path) -> dict[str, dict[str, Any]]:
+    """``{stem: {column: value}}`` from properties.csv / properties.json."""
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, Mapping):
+            return {str(Path(str(k)).stem) if "." in str(k) else str(k): dict(v) for k, v in data.items()}
+        records = data
+    else:
+        with open(path, newline="") as fh:
+            records = list(csv.DictReader(fh))
+    out: dict[str, dict[str, Any]] = {}
+    for i, rec in enumerate(records):
+        key = next((rec[k] for k in ("file", "filename", "name", "stem") if rec.get(k) not in (None, "")), None)
+        if key is None:
+            raise ValueError(f"{path}: record {i} has no 'file' (or 'name'/'stem') entry naming its checkpoint")
+        stem = str(key)
+        for suffix in CHECKPOINT_SUFFIXES:
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+        out[stem] = dict(rec)
+    return out
+
+
+def import_folder(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    properties: str | os.PathLike | None = None,
+    arch: str = "unknown",
+    task: str = "unknown",
+    seed: int = 0,
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    overwrite: bool = False,
+    progress: bool = True,
+    cache_dir: str | None = None,
+) -> DatasetDict:
+    """Import a folder of checkpoints (``*.safetensors``, ``*.pt``, ``*.pth``) as a zoo.
+
+    Args:
+        src: the folder (top level only).
+        out_dir: the zoo folder to write.
+        properties: a properties file; default ``src/properties.csv`` or ``src/properties.json`` if present.
+        arch, task: names stored in every row (unless the properties give ``arch``/``task``).
+        seed, split_fractions: the split by model.
+        overwrite: replace whatever ``out_dir`` holds.
+
+    Raises:
+        ValueError: files of different architectures (the message names them), or no checkpoints.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder")
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if not files:
+        raise ValueError(f"{src} holds no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})")
+    stems = Counter(p.stem for p in files)
+    dupes = sorted(s for s, n in stems.items() if n > 1)
+    if dupes:
+        raise ValueError(f"{src}: several checkpoint files share a stem {dupes[:5]} (e.g. a.pt and a.safetensors)")
+
+    if properties is None:
+        for name in ("properties.csv", "properties.json"):
+            if (src / name).exists():
+                properties = src / name
+                break
+    props = _read_properties(Path(properties)) if properties is not None else {}
+    unknown_keys = sorted(set(props) - set(stems))
+    notes = []
+    if unknown_keys:
+        warnings.warn(f"properties for {len(unknown_keys)} unknown file(s) ignored: {unknown_keys[:5]}", stacklevel=2)
+    without = sorted(s for s in stems if s not in props)
+    if properties is None:
+        notes.append("no properties file in the source folder: properties are NaN (unknown)")
+    elif without:
+        msg = f"{len(without)} of {len(files)} checkpoint(s) have no entry in {Path(properties).name}: {without[:10]}"
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+
+    # one architecture per folder
+    signatures: dict[tuple, list[str]] = defaultdict(list)
+    for path in files:
+        signatures[_signature_of_file(path)].append(path.name)
+    if len(signatures) > 1:
+        groups = sorted(signatures.items(), key=lambda kv: -len(kv[1]))
+        ref_sig, ref_files = groups[0]
+        lines = [f"{src} mixes {len(signatures)} architectures (different state_dict keys or shapes):"]
+        lines.append(f"  reference ({len(ref_files)} file(s), e.g. {ref_files[:3]})")
+        for sig, names in groups[1:]:
+            lines.append(f"  {names[:5]}{' …' if len(names) > 5 else ''}: {_describe_difference(ref_sig, sig)}")
+        lines.append("put each architecture in its own folder and import them separately")
+        raise ValueError("\n".join(lines))
+
+    # models: a model_id column groups files; otherwise each file is a model
+    def model_key(path: Path) -> str:
+        mid = _coerce("model_id", props.get(path.stem, {}).get("model_id"))
+        return f"model_id={mid}" if mid is not None else path.stem
+
+    by_model: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        by_model[model_key(path)].append(path)
+    has_ids = all(k.startswith("model_id=") for k in by_model)
+    names = sorted(by_model, key=(lambda k: int(k.split("=", 1)[1])) if has_ids else None)
+
+    def converter(paths: list[Path]) -> Callable[[], list[dict[str, Any]]]:
+        def convert() -> list[dict[str, Any]]:
+            out = []
+            for path in paths:
+                rec = props.get(path.stem, {})
+                values = {
+                    col: _coerce(col, rec.get(col)) for col in ZOO_FEATURES if col not in ("weights", "model_id")
+                }
+                values = {k: v for k, v in values.items() if v is not None}
+                values["state_dict"] = load_checkpoint_file(path)
+                out.append(values)
+            return out
+
+        return convert
+
+    def units() -> list[_Unit]:
+        return [
+            _Unit(i, ",".join(p.name for p in by_model[name]), converter(by_model[name])) for i, name in enumerate(names)
+        ]
+
+    return _run_import(
+        "folder", src, Path(out_dir), units,
+        options={"properties": str(properties) if properties is not None else None},
+        arch=arch, task=task, seed=seed, split_fractions=split_fractions,
+        overwrite=overwrite, progress=progress, cache_dir=cache_dir, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model Zoos (Schürholt et al. 2022)
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}::{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _read_result_lines(path: Path) -> dict[int, dict[str, Any]]:
+    """``{epoch: result line}`` from a Model Zoos ``result.json`` (JSON lines)."""
+    out: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            warnings.warn(f"{path}:{n}: unreadable result line skipped ({err})", stacklevel=3)
+            continue
+        epoch = rec.get("epoch", rec.get("training_iteration"))
+        if epoch is None:
+            continue
+        out[int(epoch)] = rec
+    return out
+
+
+_CKPT_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+def import_modelzoos(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    task: str = "unknown",
+    checkpoint_file: str = "checkpoints",
+    seed: int = 0,
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    overwrite: bool = False,
+    progress: bool = True,
+    cache_dir: str | None = None,
+) -> DatasetDict:
+    """Import a zoo in the Model Zoos layout (see the module docs for the mapping).
+
+    Args:
+        src: folder whose sub-folders (at any depth) are trials with a ``params.json``.
+        arch: architecture name for every row; default ``params["model::type"]`` or ``"unknown"``.
+        task: task name for every row.
+        checkpoint_file: file name inside ``checkpoint_<epoch>/``.
+    """
+    src = Path(src)
+    trials = sorted(p.parent for p in src.rglob("params.json")) if src.is_dir() else []
+    first_params = _flatten(json.loads((trials[0] / "params.json").read_text())) if trials else {}
+    arch_name = arch or str(first_params.get("model::type", "unknown"))
+
+    def converter(trial: Path) -> Callable[[], list[dict[str, Any]]]:
+        def convert() -> list[dict[str, Any]]:
+            params = _flatten(json.loads((trial / "params.json").read_text()))
+            hp = {}
+            for key, col in MODELZOOS_PARAMS.items():
+                if col == "arch":
+                    continue
+                value = _coerce(col, params.get(key))
+                if value is not None:
+                    hp[col] = value
+            results = _read_result_lines(trial / "result.json")
+            ckpts = []
+            for d in trial.iterdir():
+                m = _CKPT_DIR.match(d.name)
+                if d.is_dir() and m and (d / checkpoint_file).exists():
+                    ckpts.append((int(m.group(1)), d / checkpoint_file))
+            out = []
+            for epoch, path in sorted(ckpts):
+                values: dict[str, Any] = {**hp, "epoch": epoch}
+                res = results.get(epoch, {})
+                for col, keys in _RESULT_KEYS.items():
+                    value = next((res[k] for k in keys if k in res), None)
+                    if _num(value) is not None:
+                        values[col] = _num(value)
+                values["state_dict"] = load_checkpoint_file(path)
+                out.append(values)
+            if not out:
+                warnings.warn(f"{trial}: no checkpoint_<epoch>/{checkpoint_file} found", stacklevel=3)
+            return out
+
+        return convert
+
+    def units() -> list[_Unit]:
+        return [_Unit(i, str(t.relative_to(src)), converter(t)) for i, t in enumerate(trials)]
+
+    return _run_import(
+        "modelzoos", src, Path(out_dir), units,
+        options={"checkpoint_file": checkpoint_file},
+        arch=arch_name, task=task, seed=seed, split_fractions=split_fractions,
+        overwrite=overwrite, progress=progress, cache_dir=cache_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Unterthiner et al. 2020
+# ---------------------------------------------------------------------------------------------
+
+_TF_SUFFIX = {
+    "kernel": "weight",
+    "gamma": "weight",
+    "beta": "bias",
+    "bias": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+}
+
+
+def _parse_shape(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return tuple(int(v) for v in re.findall(r"\d+", str(value)))
+
+
+def _read_layout(src: Path) -> list[tuple[str, int, int, tuple[int, ...]]]:
+    if (src / "layout.csv").exists():
+        with open(src / "layout.csv", newline="") as fh:
+            records = list(csv.DictReader(fh))
+    elif (src / "layout.json").exists():
+        records = json.loads((src / "layout.json").read_text())
+    else:
+        raise FileNotFoundError(f"{src} has no layout.csv or layout.json (varname, start_idx, end_idx, shape)")
+    layout = []
+    for rec in records:
+        try:
+            name, start, end = str(rec["varname"]), int(rec["start_idx"]), int(rec["end_idx"])
+        except KeyError as err:
+            raise ValueError(f"layout record {rec} lacks {err}; columns: varname, start_idx, end_idx, shape") from err
+        shape = _parse_shape(rec.get("shape", ""))
+        if math.prod(shape) != end - start:
+            raise ValueError(f"layout entry {name!r}: shape {shape} holds {math.prod(shape)} values, not {end - start}")
+        layout.append((name, start, end, shape))
+    return layout
+
+
+def _tf_key_names(varnames: Sequence[str]) -> list[str]:
+    parts = [v.split(":")[0].split("/") for v in varnames]
+    prefix = 0
+    while all(len(p) > prefix + 2 for p in parts) and len({p[prefix] for p in parts}) == 1:
+        prefix += 1
+    keys = []
+    for p in parts:
+        p = p[prefix:]
+        p = p[:-1] + [_TF_SUFFIX.get(p[-1], p[-1])]
+        keys.append(".".join(p))
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"layout variable names collide after conversion: {varnames}")
+    return keys
+
+
+def _tf_to_torch(name: str, value: np.ndarray, torch_layout: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.array(value, dtype=np.float32, copy=True))
+    if torch_layout and name.split(":")[0].endswith("kernel"):
+        if t.dim() == 4:  # (h, w, in, out) -> (out, in, h, w)
+            t = t.permute(3, 2, 0, 1).contiguous()
+        elif t.dim() == 2:  # (in, out) -> (out, in)
+            t = t.t().contiguous()
+    return t
+
+
+def import_unterthiner(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    arch: str = "unterthiner-cnn",
+    task: str | None = None,
+    torch_layout: bool = True,
+    seed: int = 0,
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    overwrite: bool = False,
+    progress: bool = True,
+    cache_dir: str | None = None,
+) -> DatasetDict:
+    """Import the Unterthiner et al. 2020 CNN zoo layout (see the module docs for the mapping).
+
+    Args:
+        src: folder with ``weights.npy``, ``metrics.csv`` and ``layout.csv``/``layout.json``.
+        arch: architecture name for every row.
+        task: task name; default the ``config.dataset`` column, else ``"unknown"``.
+        torch_layout: transpose TensorFlow kernels to PyTorch's layout.
+    """
+    src = Path(src)
+    for name in ("weights.npy", "metrics.csv"):
+        if not (src / name).exists():
+            raise FileNotFoundError(f"{src / name} not found (Unterthiner layout: weights.npy, metrics.csv, layout.csv)")
+    weights = np.load(src / "weights.npy", mmap_mode="r")  # (n_checkpoints, n_params)
+    with open(src / "metrics.csv", newline="") as fh:
+        metrics = list(csv.DictReader(fh))
+    if weights.ndim != 2 or weights.shape[0] != len(metrics):
+        raise ValueError(
+            f"weights.npy has shape {weights.shape} but metrics.csv has {len(metrics)} rows; expected "
+            "[n_checkpoints, n_params] with one metrics row per checkpoint"
+        )
+    layout = _read_layout(src)
+    if max(end for _, _, end, _ in layout) > weights.shape[1]:
+        raise ValueError(f"layout addresses more values than weights.npy rows hold ({weights.shape[1]})")
+    keys = _tf_key_names([name for name, *_ in layout])
+    columns = set(metrics[0]) if metrics else set()
+    mapping = {col: next((c for c in cands if c in columns), None) for col, cands in UNTERTHINER_COLUMNS.items()}
+    task_name = task or "unknown"
+
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, rec in enumerate(metrics):
+        by_model[rec.get("modeldir") or f"row-{i:08d}"].append(i)
+    names = sorted(by_model)
+
+    def converter(rows: list[int]) -> Callable[[], list[dict[str, Any]]]:
+        def convert() -> list[dict[str, Any]]:
+            out = []
+            for i in rows:
+                rec = metrics[i]
+                values: dict[str, Any] = {}
+                for col, source_col in mapping.items():
+                    if source_col is not None:
+                        value = _coerce(col, rec.get(source_col))
+                        if value is not None:
+                            values[col] = value
+                if task is not None:
+                    values["task"] = task
+                flat = np.asarray(weights[i])
+                sd = OrderedDict(
+                    (key, _tf_to_torch(name, flat[start:end].reshape(shape), torch_layout))
+                    for key, (name, start, end, shape) in zip(keys, layout)
+                )
+                values["state_dict"] = sd
+                out.append(values)
+            return out
+
+        return convert
+
+    def units() -> list[_Unit]:
+        return [_Unit(i, name, converter(by_model[name])) for i, name in enumerate(names)]
+
+    return _run_import(
+        "unterthiner", src, Path(out_dir), units,
+        options={"torch_layout": torch_layout},
+        arch=arch, task=task_name, seed=seed, split_fractions=split_fractions,
+        overwrite=overwrite, progress=progress, cache_dir=cache_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+IMPORT_FORMATS: dict[str, Callable[..., DatasetDict]] = {
+    "folder": import_folder,
+    "modelzoos": import_modelzoos,
+    "unterthiner": import_unterthiner,
+}
+
+
+def import_zoo(format: str, src: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any) -> DatasetDict:
+    """Import ``src`` in ``format`` (one of :data:`IMPORT_FORMATS`) into the zoo folder ``out_dir``."""
+    if format not in IMPORT_FORMATS:
+        raise ValueError(f"unknown import format {format!r}; choose one of {sorted(IMPORT_FORMATS)}")
+    return IMPORT_FORMATS[format](src, out_dir, **kwargs)
