@@ -534,17 +534,12 @@ def test_real_minilm_weights_round_trip():
     assert_state_dicts_equal(tok.decode(tokens), sd)
 
 
-@pytest.mark.slow
-def test_resnet18_full_width_is_fast():
-    import time
-
+def test_resnet18_full_width_round_trip():
+    """Full-width ResNet-18 (11 M parameters) round-trips exactly; its speed is in benchmarks/."""
     from sane_hf.zoo.architectures import create_model
 
     model = create_model("resnet18", in_channels=3, image_size=32, width=64, seed=0)
     sd = model.state_dict()
     tok = WeightTokenizer.from_reference(model)
-    tok.decode(tok.encode(sd))  # warm-up: builds the copy plan
-    start = time.perf_counter()
     out = tok.decode(tok.encode(sd))
-    assert time.perf_counter() - start < 1.0
     assert_state_dicts_equal(out, sd)
