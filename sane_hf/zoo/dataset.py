@@ -276,6 +276,8 @@ class ZooConfig:
     def _identity(self) -> dict[str, Any]:
         """The fields that determine the rows (for resume checks)."""
         skip = set(self._RUNTIME_FIELDS) | set(self._DERIVED_FIELDS)
+        if self.image_size is None:  # "native size": a built zoo stores the resolved size
+            skip.add("image_size")
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def model_kwargs(self) -> dict[str, Any]:

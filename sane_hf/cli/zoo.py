@@ -1,0 +1,204 @@
+"""``sane-hf zoo``: build a model zoo, or import one, as a Hugging Face dataset folder.
+
+::
+
+    sane-hf zoo build  --task digits --arch cnn-s --num-models 64 --epochs 10 --out zoos/digits-cnn
+    sane-hf zoo import --format modelzoos|folder|unterthiner SRC --out zoos/x
+
+Both write ``README.md`` (dataset card), ``zoo_config.json``, ``zoo_summary.json`` and
+``data/<split>-*.parquet`` and print a summary. Rerunning an interrupted command resumes it.
+Several processes: ``accelerate launch --num_processes N -m sane_hf.cli zoo build ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_build", "run_import", "format_summary"]
+
+
+def _help(name: str) -> str:
+    """The ``help`` metadata of ``ZooConfig.<name>`` with its default (one class drives API and CLI)."""
+    from sane_hf.zoo.dataset import ZooConfig
+
+    f = ZooConfig.__dataclass_fields__[name]
+    default = getattr(ZooConfig(), name)
+    text = f.metadata.get("help", "")
+    return text if default in (None, "", {}) else f"{text} (default: {default})"
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"width\": 16}'")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from sane_hf.zoo.dataset import ZooConfig
+
+    defaults = ZooConfig()
+    zoo = subparsers.add_parser(
+        "zoo",
+        help="build or import model zoos (Hugging Face datasets of checkpoints)",
+        description="Build a population of trained models, or import one, as a Hugging Face dataset folder.",
+    )
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zoo.set_defaults(func=lambda args: (zoo.print_help(), 0)[1])
+
+    build = zoo_sub.add_parser(
+        "build",
+        help="train a population of models and write it as a dataset",
+        description=(
+            "Train --num-models models with a sampled hyperparameter grid on an offline task and write one row "
+            "per (model, epoch) checkpoint. An interrupted build resumes when rerun with the same arguments. "
+            "Under `accelerate launch --num_processes N -m sane_hf.cli zoo build ...` each process trains its "
+            "share of the chunks."
+        ),
+    )
+    build.add_argument("--out", required=True, type=Path, help="output zoo folder")
+    build.add_argument("--config", type=Path, default=None,
+                       help="a zoo_config.json to start from (flags given explicitly override it)")
+    build.add_argument("--task", default=argparse.SUPPRESS, help=_help("task"))
+    build.add_argument("--arch", default=argparse.SUPPRESS, help=_help("arch"))
+    build.add_argument("--num-models", type=int, default=argparse.SUPPRESS, help=_help("num_models"))
+    build.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help=_help("epochs"))
+    build.add_argument("--checkpoint-epochs", type=int, nargs="+", default=argparse.SUPPRESS,
+                       help=_help("checkpoint_epochs"))
+    build.add_argument("--image-size", type=int, default=argparse.SUPPRESS, help=_help("image_size"))
+    build.add_argument("--train-subset", type=int, default=argparse.SUPPRESS, help=_help("train_subset"))
+    build.add_argument("--eval-subset", type=int, default=argparse.SUPPRESS, help=_help("eval_subset"))
+    build.add_argument("--arch-kwargs", type=_json_object, default=argparse.SUPPRESS,
+                       help=_help("arch_kwargs") + " Given as JSON.")
+    build.add_argument("--grid", type=_json_object, default=argparse.SUPPRESS,
+                       help=_help("grid") + ' Given as JSON, e.g. \'{"lr_range": [1e-4, 1e-2]}\'.')
+    build.add_argument("--seed", type=int, default=argparse.SUPPRESS, help=_help("seed"))
+    build.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                       default=argparse.SUPPRESS, help=_help("split_fractions"))
+    build.add_argument("--align", action="store_true", default=argparse.SUPPRESS, help=_help("align"))
+    build.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, help=_help("num_workers"))
+    build.add_argument("--models-per-chunk", type=int, default=argparse.SUPPRESS, help=_help("models_per_chunk"))
+    build.add_argument("--max-shard-bytes", type=int, default=argparse.SUPPRESS, help=_help("max_shard_bytes"))
+    build.add_argument("--description", default=argparse.SUPPRESS, help=_help("description"))
+    build.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=run_build, _defaults=defaults)
+
+    imp = zoo_sub.add_parser(
+        "import",
+        help="convert an existing population (folder, Model Zoos, Unterthiner) into a zoo dataset",
+        description=(
+            "Convert checkpoints into the zoo dataset layout. Formats: 'folder' (*.safetensors / *.pt / *.pth "
+            "+ optional properties.csv|json keyed by file stem), 'modelzoos' (Schürholt et al. 2022 trial "
+            "folders with params.json, result.json, checkpoint_<epoch>/checkpoints), 'unterthiner' "
+            "(Unterthiner et al. 2020: weights.npy, metrics.csv, layout.csv). Torch files are read with "
+            "weights_only=True. An interrupted import resumes when rerun."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    imp.add_argument("src", type=Path, help="source folder")
+    imp.add_argument("--format", required=True, choices=["folder", "modelzoos", "unterthiner"], dest="fmt",
+                     help="layout of SRC")
+    imp.add_argument("--out", required=True, type=Path, help="output zoo folder")
+    imp.add_argument("--arch", default=None,
+                     help="architecture name stored in the rows (default: from the source, else 'unknown')")
+    imp.add_argument("--task", default=None, help="task name stored in the rows (default: from the source, else 'unknown')")
+    imp.add_argument("--properties", type=Path, default=None,
+                     help="folder format: properties file (default: SRC/properties.csv or .json)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the split by model")
+    imp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                     default=[0.7, 0.15, 0.15], help="fractions of models in train/validation/test")
+    imp.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    imp.set_defaults(func=run_import)
+
+
+_BUILD_FLAGS = (
+    "task", "arch", "num_models", "epochs", "checkpoint_epochs", "image_size", "train_subset", "eval_subset",
+    "arch_kwargs", "grid", "seed", "split_fractions", "align", "num_workers", "models_per_chunk",
+    "max_shard_bytes", "description",
+)
+
+
+def format_summary(out_dir: Path, seconds: float | None = None) -> str:
+    """A few human-readable lines from ``out_dir/zoo_summary.json``."""
+    from sane_hf.zoo.dataset import load_zoo_summary
+
+    s = load_zoo_summary(out_dir)
+    final = s["final_test_acc"]
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    per_split = ", ".join(f"{k} {s['models_per_split'][k]}" for k in ("train", "validation", "test"))
+    lines = [
+        f"zoo written to {out_dir}",
+        f"  models: {s['num_models']} ({per_split}); checkpoints: {s['num_checkpoints']}",
+        f"  test_acc at each model's final epoch: min {f(final['min'])}, mean {f(final['mean'])}, max {f(final['max'])}",
+    ]
+    if s.get("dropped_checkpoints"):
+        lines.append(f"  dropped checkpoints (NaN/Inf): {s['dropped_checkpoints']}")
+    if s.get("missing_properties"):
+        lines.append(f"  missing properties (NaN): {s['missing_properties']}")
+    took = seconds if seconds is not None else s.get("build_seconds")
+    if took is not None:
+        lines.append(f"  time: {took:.1f} s")
+    lines.append(f"  manifest: {out_dir / 'zoo_config.json'}, {out_dir / 'zoo_summary.json'}")
+    return "\n".join(lines)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from sane_hf.zoo.dataset import ZooConfig, build_zoo, load_zoo_config
+
+    base = load_zoo_config(args.config).to_dict() if args.config is not None else args._defaults.to_dict()
+    if args.config is not None:
+        for derived in ("in_channels", "num_classes"):
+            base[derived] = None
+    overrides = {name: getattr(args, name) for name in _BUILD_FLAGS if hasattr(args, name)}
+    try:
+        config = ZooConfig.from_dict({**base, **overrides})
+    except ValueError as err:
+        raise SystemExit(f"sane-hf zoo build: {err}") from err
+    start = time.perf_counter()
+    try:
+        build_zoo(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    except ValueError as err:
+        raise SystemExit(f"sane-hf zoo build: {err}") from err
+    if PartialState().is_main_process:
+        print(format_summary(args.out, time.perf_counter() - start))
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from sane_hf.zoo.importers import import_zoo
+
+    kwargs: dict[str, Any] = {
+        "seed": args.seed,
+        "split_fractions": tuple(args.split_fractions),
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+    }
+    if args.arch is not None:
+        kwargs["arch"] = args.arch
+    if args.task is not None:
+        kwargs["task"] = args.task
+    if args.properties is not None:
+        if args.fmt != "folder":
+            raise SystemExit("sane-hf zoo import: --properties applies to --format folder only")
+        kwargs["properties"] = args.properties
+    start = time.perf_counter()
+    try:
+        import_zoo(args.fmt, args.src, args.out, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"sane-hf zoo import: {err}") from err
+    print(format_summary(args.out, time.perf_counter() - start))
+    return 0
