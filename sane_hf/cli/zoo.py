@@ -84,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        default=argparse.SUPPRESS, help=_help("split_fractions"))
     build.add_argument("--align", action="store_true", default=argparse.SUPPRESS, help=_help("align"))
     build.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, help=_help("num_workers"))
+    build.add_argument("--device", default=argparse.SUPPRESS, help=_help("device"))
     build.add_argument("--models-per-chunk", type=int, default=argparse.SUPPRESS, help=_help("models_per_chunk"))
     build.add_argument("--max-shard-bytes", type=int, default=argparse.SUPPRESS, help=_help("max_shard_bytes"))
     build.add_argument("--description", default=argparse.SUPPRESS, help=_help("description"))
@@ -122,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 _BUILD_FLAGS = (
     "task", "arch", "num_models", "epochs", "checkpoint_epochs", "image_size", "train_subset", "eval_subset",
-    "arch_kwargs", "grid", "seed", "split_fractions", "align", "num_workers", "models_per_chunk",
+    "arch_kwargs", "grid", "seed", "split_fractions", "align", "num_workers", "device", "models_per_chunk",
     "max_shard_bytes", "description",
 )
 
@@ -155,9 +156,7 @@ def format_summary(out_dir: Path, seconds: float | None = None) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from sane_hf.zoo.dataset import ZooConfig, build_zoo, load_zoo_config
+    from sane_hf.zoo.dataset import ZooConfig, _distributed_state, build_zoo, load_zoo_config
 
     base = load_zoo_config(args.config).to_dict() if args.config is not None else args._defaults.to_dict()
     if args.config is not None:
@@ -173,7 +172,7 @@ def run_build(args: argparse.Namespace) -> int:
         build_zoo(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     except ValueError as err:
         raise SystemExit(f"sane-hf zoo build: {err}") from err
-    if PartialState().is_main_process:
+    if _distributed_state().is_main_process:
         print(format_summary(args.out, time.perf_counter() - start))
     return 0
 

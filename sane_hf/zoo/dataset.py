@@ -170,6 +170,13 @@ class ZooConfig:
     num_workers: int = field(
         default=1, metadata={"help": "Training worker processes per machine (train_population; 2 is fastest on 2 cores)."}
     )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where models train: 'auto' = this process's accelerate device (cuda:i under "
+            "`accelerate launch --multi_gpu`, else the GPU if any, else cpu), or e.g. 'cpu', 'cuda:0'."
+        },
+    )
     models_per_chunk: int = field(
         default=16,
         metadata={
@@ -199,7 +206,7 @@ class ZooConfig:
     description: str = field(default="", metadata={"help": "Free text added to the dataset card."})
 
     # fields that change neither the rows nor their order (ignored when resuming)
-    _RUNTIME_FIELDS = ("num_workers", "description", "max_shard_bytes")
+    _RUNTIME_FIELDS = ("num_workers", "description", "max_shard_bytes", "device")
     # fields filled in from the task
     _DERIVED_FIELDS = ("in_channels", "num_classes")
 
@@ -562,6 +569,7 @@ def _assemble(
     ``transform`` is applied to each part table (e.g. alignment). Parts are streamed one at a time,
     so memory holds one part, not the zoo. Returns the summary dict.
     """
+    start = time.perf_counter()
     metas: list[dict[str, Any]] = []
     for table in store.tables():
         metas.extend(table.drop_columns(["weights"]).to_pylist())
@@ -632,6 +640,9 @@ def _assemble(
 
     summary = _summarise(metas, splits)
     summary.update(extra_summary or {})
+    summary["assemble_seconds"] = round(time.perf_counter() - start, 3)
+    if "build_seconds" in summary:  # the caller's time so far + assembly
+        summary["build_seconds"] = round(summary["build_seconds"] + summary["assemble_seconds"], 3)
     summary["notes"] = list(notes)
     summary["data_files"] = data_files
     card = _render_card(config, summary, metas, first_weights, data_files, notes)
@@ -887,10 +898,15 @@ def _prepare_out_dir(out_dir: Path, identity: Mapping[str, Any], overwrite: bool
 
 
 def _distributed_state():
-    """``accelerate.PartialState`` (1 process unless launched with ``accelerate launch``)."""
-    from accelerate import PartialState
+    """``accelerate.PartialState`` (1 process unless launched with ``accelerate launch`` / ``torchrun``).
 
-    return PartialState()
+    Without a GPU the state is created with ``cpu=True``: accelerate only sets up multi-process
+    CPU runs (gloo) when asked for the CPU explicitly.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
 def _chunks(ids: Sequence[int], size: int) -> list[list[int]]:
@@ -969,6 +985,7 @@ def build_zoo(
     mine = list(train_mod.shard_for_process(list(range(len(chunks))), state.process_index, state.num_processes))
     todo = [c for c in mine if not store.done(_chunk_name(c))]
     show = progress and state.is_main_process
+    device = str(state.device) if config.device == "auto" else config.device
     stored = set(resolved.stored_epochs)
 
     from tqdm.auto import tqdm
@@ -988,6 +1005,7 @@ def build_zoo(
             arch_kwargs=config.arch_kwargs,
             num_workers=config.num_workers,
             progress=show,
+            device=device,
         )
         for rec in records:
             if rec.epoch not in stored:

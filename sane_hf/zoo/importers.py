@@ -49,6 +49,7 @@ Formats
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -262,7 +263,12 @@ def _run_import(
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     out_dir = Path(out_dir)
-    options = {"src": str(src.resolve()), **options}
+    todo_units = units()
+    if not todo_units:
+        raise ValueError(f"{src} holds no models in the {fmt!r} layout (see sane_hf.zoo.importers docs)")
+    # the model list is part of the identity: a changed source is not resumed into old part files
+    fingerprint = hashlib.sha1("\n".join(u.source for u in todo_units).encode()).hexdigest()[:16]
+    options = {"src": str(src.resolve()), **options, "num_models": len(todo_units), "sources_sha1": fingerprint}
     identity = {
         "source": f"import:{fmt}",
         "import_options": options,
@@ -277,9 +283,6 @@ def _run_import(
     store = _PartStore(out_dir)
     store.check_request(identity)
 
-    todo_units = units()
-    if not todo_units:
-        raise ValueError(f"{src} holds no models in the {fmt!r} layout (see sane_hf.zoo.importers docs)")
     for unit in tqdm(todo_units, desc=f"importing {fmt}", unit="model", disable=not progress):
         if store.done(unit.part):
             continue

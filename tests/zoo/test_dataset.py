@@ -295,3 +295,39 @@ def test_load_zoo_adds_empty_splits(tmp_path, cache_dir):
     shutil.rmtree(out / "data")
     with pytest.raises(FileNotFoundError, match="not a zoo folder"):
         load_zoo(out, cache_dir=cache_dir)
+
+
+_MULTI_PROCESS_SCRIPT = """
+import sys
+import sane_hf.zoo.train as T
+from sane_hf.zoo.dataset import ZooConfig, _distributed_state, build_zoo
+real = T.train_population
+def logged(*a, **k):
+    print("rank", _distributed_state().process_index, "trains", list(k["model_ids"]), flush=True)
+    return real(*a, **k)
+T.train_population = logged
+build_zoo(ZooConfig(**{tiny}), sys.argv[1], progress=False, cache_dir=sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_multi_process_build_equals_single_process(tiny_zoo, tmp_path, cache_dir):
+    """Two processes (torchrun, gloo on CPU) share the chunks; the main process assembles the same zoo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, reference = tiny_zoo
+    script = tmp_path / "build.py"
+    script.write_text(_MULTI_PROCESS_SCRIPT.replace("{tiny}", repr(TINY)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "zoo"
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(out), cache_dir],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 trains [0, 1]" in proc.stdout and "rank 1 trains [2, 3]" in proc.stdout
+    zoo = load_zoo(out, cache_dir=cache_dir)
+    for split in SPLITS:
+        assert zoo[split].to_list() == reference[split].to_list()
