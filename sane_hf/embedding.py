@@ -301,8 +301,14 @@ class _ItemReader:
             sd = state_dict_from_bytes(sd["weights"])
         try:
             out = self.tokenizer.encode(sd, normalize=self.normalize)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"inputs[{index}] cannot be tokenized: {err}") from err
+        except (ValueError, TypeError) as err:  # the tokenizer names the key; say which input it is
+            message = str(err)
+            message = (
+                message.replace("state_dicts[0]", f"inputs[{index}]", 1)
+                if message.startswith("state_dicts[0]")
+                else f"inputs[{index}]: {message}"
+            )
+            raise type(err)(message) from err
         return _Item(out.tokens, out.positions, out.mask.any(dim=-1))
 
     def _from_tokens(self, wt: WeightTokens, index: int) -> _Item:
