@@ -225,6 +225,10 @@ class ZooConfig:
             tasks = _list_tasks()
             if tasks is not None and self.task not in tasks:
                 raise ValueError(f"unknown task {self.task!r}; available: {tasks}")
+            grid_options = _grid_options()
+            unknown = sorted(set(self.grid) - set(grid_options))
+            if unknown:
+                raise ValueError(f"unknown grid options {unknown}; sample_grid accepts {grid_options}")
         elif not self.source.startswith("import:"):
             raise ValueError(f"source must be 'build' or 'import:<format>', got {self.source!r}")
         if self.num_models < 1:
@@ -305,6 +309,15 @@ def _list_tasks() -> list[str] | None:
     except ImportError:  # pragma: no cover - tasks module not installed in this build
         return None
     return list(list_tasks())
+
+
+def _grid_options() -> list[str]:
+    import inspect
+
+    from sane_hf.zoo.train import sample_grid
+
+    params = inspect.signature(sample_grid).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def load_zoo_config(path: str | os.PathLike) -> ZooConfig:
@@ -584,8 +597,9 @@ def _assemble(
     if missing:  # pragma: no cover - importers size num_models from their sources
         raise RuntimeError(f"model ids {missing[:5]} are outside 0..{config.num_models - 1}")
 
+    for stale in [*out_dir.glob(".data-tmp-*"), *out_dir.glob(".data-old-*"), *out_dir.glob(f"{_PARTIAL}-delete-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while assembling
     tmp_data = out_dir / f".data-tmp-{os.getpid()}"
-    shutil.rmtree(tmp_data, ignore_errors=True)
     tmp_data.mkdir(parents=True)
     shard_files: dict[str, list[Path]] = {s: [] for s in SPLITS}
     writers: dict[str, tuple[pq.ParquetWriter, int]] = {}
@@ -1041,7 +1055,7 @@ def build_zoo(
             transform = _make_aligner(resolved, store)
             notes.append("models are permutation-aligned (weight matching) to the final checkpoint of model "
                          f"{transform.reference_id}")
-        summary = _assemble(
+        _assemble(
             out_dir,
             store,
             resolved,
@@ -1054,7 +1068,6 @@ def build_zoo(
             },
         )
         store.remove()
-        del summary
     state.wait_for_everyone()
     return load_zoo(out_dir, cache_dir=cache_dir)
 

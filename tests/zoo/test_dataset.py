@@ -66,6 +66,8 @@ def test_config_round_trip_and_validation():
         ZooConfig(epochs=2, checkpoint_epochs=[3])
     with pytest.raises(ValueError, match="sum to 1"):
         ZooConfig(split_fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match=r"unknown grid options \['lr'\].*lr_range"):
+        ZooConfig(grid={"lr": 0.1})
     with pytest.raises(ValueError, match="unknown ZooConfig fields"):
         ZooConfig.from_dict({"tsak": "digits"})
     assert all("help" in f.metadata for f in ZooConfig.__dataclass_fields__.values())
