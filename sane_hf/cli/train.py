@@ -1,0 +1,142 @@
+"""``sane-hf train``: train SANE on a zoo with Accelerate.
+
+::
+
+    sane-hf train --zoo zoos/digits-cnn --out runs/sane-digits [--config small|defaults|large] [--resume]
+                  [--max-steps N] [--batch-size N] [--learning-rate LR] ...
+
+Every :class:`~sane_hf.training.SaneTrainingConfig` field is a flag (``transformers.HfArgumentParser``
+builds them from the dataclass, with its ``help`` texts and defaults). ``--zoo`` takes a raw zoo
+folder (``sane-hf zoo build``/``import``) or a tokenized one (``DatasetDict.save_to_disk``) with its
+tokenizer (``--tokenizer``, or ``weight_tokenizer.json`` inside the folder). Several processes:
+``accelerate launch --multi_gpu --num_processes N -m sane_hf.cli train ...`` (add ``--cpu`` for
+CPU processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_train", "format_summary"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from transformers import HfArgumentParser
+
+    from sane_hf.training import PRESETS, SaneTrainingConfig
+
+    fields = HfArgumentParser(SaneTrainingConfig, add_help=False)
+    train = subparsers.add_parser(
+        "train",
+        parents=[fields],
+        help="train SANE on a model zoo (Accelerate: CPU, GPU, multi-process)",
+        description=(
+            "Train a SANE autoencoder on a zoo and write the model, its tokenizer and metrics.json to --out. "
+            "Checkpoints go to --out/checkpoints; --resume continues the newest one exactly. "
+            "Multi-process: accelerate launch --multi_gpu --num_processes N -m sane_hf.cli train ..."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    group = train.add_argument_group("zoo and model")
+    group.add_argument("--zoo", required=True, type=Path,
+                       help="zoo folder: raw (sane-hf zoo build/import) or tokenized (save_to_disk) with its tokenizer")
+    group.add_argument("--out", dest="output_dir", default=argparse.SUPPRESS,
+                       help="output folder (same as --output_dir)")
+    group.add_argument("--config", dest="preset", choices=sorted(PRESETS), default="defaults",
+                       help="SaneConfig preset: small = tiny fast CPU model, defaults = SaneConfig defaults, "
+                            "large = bigger, for GPUs")
+    group.add_argument("--model-config", type=Path, default=None,
+                       help="a SaneConfig config.json to use instead of a preset (token_size must match the zoo)")
+    group.add_argument("--tokenizer", type=Path, default=None,
+                       help="weight_tokenizer.json (or its folder) of a tokenized zoo, or one to use for a raw zoo")
+    group.add_argument("--token-size", type=_positive_int, default=64,
+                       help="token size of the tokenizer built for a raw zoo (ignored when a tokenizer is given)")
+    group.add_argument("--window-size", type=_positive_int, default=None,
+                       help="override the preset's window_size (tokens per training window)")
+    group.add_argument("--halo-size", type=int, default=None, help="override the preset's halo_size")
+    train.set_defaults(func=run_train)
+
+
+def _token_size(args: argparse.Namespace) -> tuple[int, Any]:
+    """The token size the model must use, and the tokenizer when one is known."""
+    from sane_hf.tokenization_sane import TOKENIZER_FILE, WeightTokenizer
+
+    if args.tokenizer is not None:
+        tok = WeightTokenizer.from_pretrained(args.tokenizer)
+        return tok.token_size, tok
+    if (args.zoo / TOKENIZER_FILE).is_file():
+        tok = WeightTokenizer.from_pretrained(args.zoo)
+        return tok.token_size, None  # train_sane picks it up from the folder
+    return args.token_size, None
+
+
+def _model_config(args: argparse.Namespace, token_size: int, training: Any):
+    from sane_hf.configuration_sane import SaneConfig
+    from sane_hf.training import latest_checkpoint, sane_config_preset
+
+    overrides = {k: v for k, v in (("window_size", args.window_size), ("halo_size", args.halo_size)) if v is not None}
+    checkpoint = latest_checkpoint(training.output_dir) if training.resume else None
+    if args.model_config is not None:
+        config = SaneConfig.from_json_file(str(args.model_config))
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    elif checkpoint is not None and (checkpoint / "sane_config.json").is_file():
+        config = SaneConfig.from_json_file(str(checkpoint / "sane_config.json"))  # the run's own model
+    else:
+        config = sane_config_preset(args.preset, token_size, **overrides)
+    if config.token_size != token_size:
+        raise ValueError(f"the model config has token_size {config.token_size} but the zoo's tokens have {token_size}")
+    return config
+
+
+def format_summary(output_dir: Path) -> str:
+    """A few lines from ``output_dir/metrics.json``."""
+    from sane_hf.training import METRICS_FILE, latest_checkpoint
+
+    m = json.loads((Path(output_dir) / METRICS_FILE).read_text())
+
+    def f(x: Any, spec: str = ".4f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        f"SANE trained: {m['steps']} steps ({f(m['epochs'], '.2f')} epochs) in {f(m['train_seconds'], '.1f')} s "
+        f"({f(m['tokens_per_second'], ',.0f')} tokens/s, {m['num_processes']} process(es))",
+        f"  final train loss {f(m['train_loss'])} | val loss {f(m['val_loss'])} "
+        f"(at start {f(m.get('initial_val_loss'))}) | val reconstruction R² {f(m['val_reconstruction_r2'], '.3f')}",
+        f"  model + tokenizer: {output_dir}  (SaneModel.from_pretrained / WeightTokenizer.from_pretrained)",
+    ]
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        lines.append(f"  resumable checkpoint: {checkpoint}")
+    lines.append(f"  metrics: {Path(output_dir) / METRICS_FILE}")
+    return "\n".join(lines)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from accelerate import PartialState
+
+    from sane_hf.training import SaneTrainingConfig, train_sane
+
+    names = [f.name for f in dataclasses.fields(SaneTrainingConfig)]
+    try:
+        training = SaneTrainingConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+        token_size, tokenizer = _token_size(args)
+        config = _model_config(args, token_size, training)
+        out = train_sane(config, args.zoo, training, tokenizer=tokenizer)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise SystemExit(f"sane-hf train: {err}") from err
+    if PartialState().is_main_process:
+        print(format_summary(out))
+    return 0
