@@ -783,6 +783,7 @@ def train_sane(
                 "overwrite_output_dir=True (--overwrite_output_dir) to start over"
             )
 
+    _allow_new_accelerator_settings(cfg.mixed_precision, cfg.cpu)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -815,7 +816,29 @@ def train_sane(
     finally:
         if on_cpu:
             torch.set_num_threads(previous_threads)
-        accelerator.end_training()
+        # not accelerator.end_training(): it would also destroy the process group, which the caller may still use
+        for tracker in accelerator.trackers:
+            tracker.finish()
+
+
+def _allow_new_accelerator_settings(mixed_precision: str, cpu: bool) -> None:
+    """Let a second ``train_sane`` in one process use other mixed-precision/CPU settings.
+
+    Accelerate keeps one ``AcceleratorState`` per process and refuses a new ``Accelerator`` with a
+    different ``mixed_precision`` (or ``cpu=True`` after a GPU run). Only in that case, where
+    creating the Accelerator would fail anyway, the state is reset; the process group (held by
+    ``PartialState``) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if not shared:
+        return
+    device = shared.get("device")
+    changed_precision = shared.get("_mixed_precision") not in (None, mixed_precision)
+    changed_device = cpu and device is not None and torch.device(device).type != "cpu"
+    if changed_precision or changed_device:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _train(

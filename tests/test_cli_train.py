@@ -1,0 +1,70 @@
+"""``sane-hf train`` on a tiny zoo: raw zoo, tokenized zoo with its tokenizer, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sane_hf.cli import main
+from sane_hf.modeling_sane import SaneModel
+from sane_hf.tokenization_sane import WeightTokenizer
+from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo, load_zoo, tokenize_zoo
+
+TINY_ZOO = dict(task="digits", arch="cnn-s", num_models=6, epochs=2, train_subset=128, eval_subset=64,
+                models_per_chunk=6)  # fmt: skip
+FAST = ["--token-size", "16", "--config", "small", "--batch-size", "8", "--num-threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "tiny-digits-cnn-zoo"  # shared with the other test modules
+    build_zoo(ZooConfig(**TINY_ZOO), out, progress=False, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
+    return out
+
+
+def test_train_command_writes_a_loadable_folder(zoo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "5", "--save-steps", "5", *FAST]) == 0
+    summary = capsys.readouterr().out
+    assert "SANE trained: 5 steps" in summary and str(out) in summary and "checkpoint_5" in summary
+    for name in ("config.json", "model.safetensors", "weight_tokenizer.json", "configuration_sane.py",
+                 "modeling_sane.py", "training_config.json", "metrics.json", "zoo_config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    model = SaneModel.from_pretrained(out)
+    tokenizer = WeightTokenizer.from_pretrained(out)
+    assert model.config.d_model == 64 and model.config.token_size == tokenizer.token_size == 16  # the small preset
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 5 and metrics["val_loss"] is not None
+
+    # --resume on a finished run: nothing left to train, the folder is rewritten from the last checkpoint
+    assert main(["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "5", "--save-steps", "5",
+                 "--resume", *FAST]) == 0  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["train_loss"] == metrics["train_loss"]
+    # a second fresh run into the same folder is refused
+    with pytest.raises(SystemExit, match="already holds a training run"):
+        main(["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "5", *FAST])
+
+
+def test_train_command_on_a_tokenized_zoo_with_its_tokenizer(zoo_dir, tmp_path, capsys):
+    zoo = load_zoo(zoo_dir, cache_dir=str(tmp_path / "cache"))
+    tokenizer = fit_tokenizer_on_zoo(zoo, token_size=8)
+    tokenized_dir = tmp_path / "tokenized"
+    tokenize_zoo(zoo, tokenizer, keep_weights=False).save_to_disk(str(tokenized_dir))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "run"
+    args = ["train", "--zoo", str(tokenized_dir), "--tokenizer", str(tmp_path / "tok"), "--out", str(out),
+            "--max-steps", "2", "--save-steps", "0", "--window-size", "32", "--config", "small", "--batch-size", "4",
+            "--num-threads", "1", "--no-progress"]  # fmt: skip
+    with pytest.warns(UserWarning, match="permutation views are off"):
+        assert main(args) == 0
+    assert "SANE trained: 2 steps" in capsys.readouterr().out
+    assert SaneModel.from_pretrained(out).config.token_size == 8
+    assert WeightTokenizer.from_pretrained(out).to_dict() == tokenizer.to_dict()
+
+
+def test_train_command_reports_bad_input(zoo_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"sane-hf train: .*window_size \(500\) is larger"):
+        main(["train", "--zoo", str(zoo_dir), "--out", str(tmp_path / "x"), "--window-size", "500", *FAST])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["train", "--zoo", str(tmp_path / "nope"), "--out", str(tmp_path / "y"), *FAST])

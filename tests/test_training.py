@@ -1,0 +1,224 @@
+"""train_sane: loss goes down, final folder, exact kill/resume, 2 processes, bad inputs fail early."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import datasets
+import pytest
+import torch
+
+from sane_hf.configuration_sane import SaneConfig
+from sane_hf.modeling_sane import SaneModel
+from sane_hf.tokenization_sane import WeightTokenizer
+from sane_hf.training import (
+    PRESETS,
+    SaneTrainingConfig,
+    TrainingInterrupted,
+    latest_checkpoint,
+    sane_config_preset,
+    train_sane,
+)
+from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo, load_zoo, tokenize_zoo
+
+TINY_ZOO = dict(task="digits", arch="cnn-s", num_models=6, epochs=2, train_subset=128, eval_subset=64,
+                models_per_chunk=6)  # fmt: skip
+TOKEN_SIZE = 16  # cnn-s on 8x8 digits: 102 tokens of 16 values
+
+
+def tiny_config(**overrides) -> SaneConfig:
+    kwargs = dict(token_size=TOKEN_SIZE, d_model=32, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
+                  latent_dim=8, projection_dim=16, window_size=32, halo_size=4)  # fmt: skip
+    return SaneConfig(**{**kwargs, **overrides})
+
+
+def tiny_training(out, **overrides) -> SaneTrainingConfig:
+    kwargs = dict(output_dir=str(out), batch_size=8, learning_rate=3e-3, eval_steps=10, save_steps=10,
+                  progress=False, num_threads=1, windows_per_sample=4)  # fmt: skip
+    return SaneTrainingConfig(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "tiny-digits-cnn-zoo"  # shared with the other test modules
+    build_zoo(ZooConfig(**TINY_ZOO), out, progress=False, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_zoo(zoo_dir, tmp_path_factory):
+    return load_zoo(zoo_dir, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(zoo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "sane"
+    path = train_sane(tiny_config(), zoo_dir, tiny_training(out, max_steps=30, eval_on_start=True))
+    return path
+
+
+def test_training_reduces_validation_loss_and_writes_the_model_folder(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "weight_tokenizer.json", "configuration_sane.py", "modeling_sane.py",
+            "training_config.json", "metrics.json", "zoo_config.json", "checkpoints"} <= names  # fmt: skip
+    assert not [n for n in names if n.startswith(".tmp")]
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["permutation_views"] is True
+    assert metrics["val_loss"] < metrics["initial_val_loss"]
+    assert [h["step"] for h in metrics["eval_history"]] == [0, 10, 20, 30]
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("train_loss", "val_reconstruction_r2", "tokens_per_second"))
+    model = SaneModel.from_pretrained(trained)
+    tokenizer = WeightTokenizer.from_pretrained(trained)
+    assert model.config.token_size == tokenizer.token_size == TOKEN_SIZE and tokenizer.is_fitted
+    assert SaneTrainingConfig.from_json_file(trained / "training_config.json").max_steps == 30
+    assert latest_checkpoint(trained).name == "checkpoint_30"
+    config = json.loads((trained / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"].endswith("SaneModel")
+
+
+def test_kill_and_resume_reaches_the_same_parameters(zoo_dir, tmp_path):
+    """Killed after the step-4 checkpoint (mid-epoch, mid-run), resumed: identical to an uninterrupted run."""
+    settings = dict(max_steps=10, batch_size=4, windows_per_sample=2, gradient_accumulation_steps=2, eval_steps=3,
+                    save_steps=4)  # 12 checkpoints x 2 windows / 4 = 6 batches = 3 steps per epoch  # fmt: skip
+    full = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "full", **settings))
+
+    def kill(info):
+        if info.step == 6:
+            raise TrainingInterrupted("simulated kill")
+
+    with pytest.raises(TrainingInterrupted):
+        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", **settings), step_callback=kill)
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint_4"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", **settings))
+    with pytest.raises(ValueError, match="settings changed.*learning_rate"):
+        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", resume=True, **{**settings, "learning_rate": 1e-4}))
+    resumed = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", resume=True, **settings))
+
+    a, b = SaneModel.from_pretrained(full).state_dict(), SaneModel.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (full, resumed))
+    for key in ("train_loss", "val_loss", "val_reconstruction_r2", "steps", "tokens_seen", "eval_history"):
+        assert ma[key] == mb[key], key
+
+
+def _two_process_run(zoo_dir: str, out: str) -> None:
+    """Runs in each of the 2 debug_launcher processes (module level: picklable)."""
+
+    def record(info):
+        if info.step == 4:
+            flat = torch.cat([p.detach().reshape(-1) for p in info.model.parameters()])
+            torch.save({"params": flat, "loss": info.loss}, f"{out}/rank{info.accelerator.process_index}.pt")
+
+    train_sane(tiny_config(), zoo_dir, tiny_training(out, max_steps=4, batch_size=4, eval_steps=2, save_steps=2),
+               step_callback=record)  # fmt: skip
+
+
+def test_two_processes_stay_in_sync(zoo_dir, tmp_path):
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState, GradientState
+
+    # forked children would inherit this process's (single-process) Accelerate state: start them clean
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        debug_launcher(_two_process_run, args=(str(zoo_dir), str(tmp_path)), num_processes=2)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])  # DDP kept the replicas identical
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ranks)
+    assert ranks[0]["loss"] != ranks[1]["loss"]  # ...while each process saw its own batches
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 4
+    ckpt = latest_checkpoint(tmp_path)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in ckpt.iterdir()}
+
+
+def _never(info):  # a step callback that proves no training step ran
+    raise AssertionError(f"training started (step {info.step})")
+
+
+@pytest.fixture(scope="module")
+def tokenized_8(raw_zoo):
+    tokenizer = fit_tokenizer_on_zoo(raw_zoo, token_size=8)
+    return tokenize_zoo(raw_zoo, tokenizer), tokenizer
+
+
+def _mixed_arch(raw_zoo):
+    train = raw_zoo["train"]
+    arch = ["cnn-s"] * (len(train) - 1) + ["mlp"]
+    return datasets.DatasetDict({**raw_zoo, "train": train.remove_columns("arch").add_column("arch", arch)})
+
+
+BAD_INPUTS = [
+    ("token size differs", lambda z, t: (t[0], t[1]), {}, r"token size|token_size"),
+    ("mixed architectures", lambda z, t: (_mixed_arch(z), None), {}, "mixes architectures"),
+    ("empty validation split", lambda z, t: (datasets.DatasetDict({**z, "validation": z["validation"].select([])}), None),
+     {}, r"'validation' split is empty.*eval_split=None"),
+    ("empty train split", lambda z, t: (datasets.DatasetDict({**z, "train": z["train"].select([])}), None), {},
+     r"'train' split is empty"),
+    ("window larger than the sequences", lambda z, t: (z, None), {"window_size": 200, "halo_size": 4},
+     r"window_size \(200\) is larger than the sequences of this zoo \(102 tokens"),
+    ("tokenized zoo without tokenizer", lambda z, t: (t[0], None), {"token_size": 8}, "no tokenizer was given"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, overrides, match", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_fail_before_training(raw_zoo, tokenized_8, tmp_path, make, overrides, match):
+    zoo, tokenizer = make(raw_zoo, tokenized_8)
+    with pytest.raises(ValueError, match=match):
+        train_sane(tiny_config(**overrides), zoo, tiny_training(tmp_path / "out", max_steps=2), tokenizer=tokenizer,
+                   step_callback=_never)  # fmt: skip
+    assert latest_checkpoint(tmp_path / "out") is None and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_tokenized_zoo_with_its_tokenizer_and_no_validation(tokenized_8, tmp_path):
+    tokenized, tokenizer = tokenized_8
+    with pytest.warns(UserWarning, match="permutation views are off"):  # no zoo_config: architecture unknown
+        out = train_sane(tiny_config(token_size=8), tokenized, tiny_training(tmp_path, max_steps=3, eval_split=None,
+                         save_steps=0, lr_scheduler="cosine"), tokenizer=tokenizer)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["val_loss"] is None and not metrics["permutation_views"]
+    assert WeightTokenizer.from_pretrained(out).to_dict() == tokenizer.to_dict()
+    assert latest_checkpoint(out) is None
+
+
+def test_mixed_precision_on_cpu_warns(zoo_dir, tmp_path):
+    with pytest.warns(UserWarning, match="mixed_precision='bf16' on CPU"):
+        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, max_steps=1, mixed_precision="bf16", eval_split=None,
+                   save_steps=0, permutation=False))  # fmt: skip
+
+
+def test_training_config_fields_and_validation():
+    fields = dataclasses.fields(SaneTrainingConfig)
+    assert all(f.metadata.get("help") for f in fields)
+    cfg = SaneTrainingConfig(output_dir="x", max_steps=5, tracker="tensorboard")
+    assert SaneTrainingConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert 1 <= SaneTrainingConfig().num_threads <= 2
+    bad = [dict(batch_size=1), dict(learning_rate=0), dict(mixed_precision="fp8"), dict(lr_scheduler="step"),
+           dict(tracker="wandb"), dict(max_steps=0), dict(erase_prob=2), dict(warmup_ratio=1.0),
+           dict(resume=True, overwrite_output_dir=True), dict(gradient_accumulation_steps=0)]  # fmt: skip
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            SaneTrainingConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown SaneTrainingConfig fields"):
+        SaneTrainingConfig.from_dict({"lerning_rate": 1})
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(SaneTrainingConfig).parse_args_into_dataclasses(
+        ["--max-steps", "7", "--no_permutation", "--mixed_precision", "bf16"]
+    )
+    assert parsed.max_steps == 7 and parsed.permutation is False and parsed.mixed_precision == "bf16"
+
+
+def test_presets():
+    assert set(PRESETS) == {"small", "defaults", "large"}
+    small = sane_config_preset("small", token_size=16)
+    assert small.token_size == 16 and small.d_model < SaneConfig().d_model < sane_config_preset("large").d_model
+    assert sane_config_preset("defaults", token_size=64).to_dict()["d_model"] == SaneConfig().d_model
+    with pytest.raises(ValueError, match="unknown preset"):
+        sane_config_preset("huge")
