@@ -397,7 +397,7 @@ def probe_properties(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     Cs: Sequence[float] = DEFAULT_CS,
     refit: str = "train",
-    max_iter: int = 2000,
+    max_iter: int = 1000,
 ) -> ProbeResults:
     """Linear probes from features to properties, penalty chosen on ``val``, scored on ``test``.
 
