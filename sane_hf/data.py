@@ -26,8 +26,8 @@ such index maps per **architecture** (not per sample — the reference implement
 permuted, tokenized copies of every checkpoint, which does not fit at ResNet scale). A map is
 found by encoding an "identity" state_dict whose values are their own indices, permuting it with
 :func:`~sane_hf.alignment.apply_permutation` and encoding it again: the value found at a slot is
-the slot it came from. Indices are split into two exact float32 parts (``id // 4096`` and
-``id % 4096``), so models of up to 2^36 parameters map exactly. Padding slots map to themselves
+the slot it came from. Indices are exact in float32 up to 2^24 parameters; larger models are
+encoded as two exact parts (``id // 4096`` and ``id % 4096``), up to 2^36 parameters. Padding slots map to themselves
 (padding is 0 in every token tensor). A bank of ``K`` maps costs ``K · N · d`` int32 (ResNet-18
 at ``d = 64``: ~48 MB per map), and a permuted view of any window is then one gather of
 ``window · d`` values.
@@ -93,7 +93,8 @@ MODEL_INPUT_NAMES = (
     "tokens", "positions", "mask", "attention_mask", "tokens_2", "labels", "labels_2",
 )  # fmt: skip
 
-_ID_SPLIT = 4096  # index = hi * 4096 + lo; both parts exact in float32 up to 2^36 parameters
+_EXACT_FLOAT_IDS = 2**24  # float32 holds every integer up to here exactly
+_ID_SPLIT = 4096  # beyond: index = hi * 4096 + lo, both parts exact in float32 up to 2^36 parameters
 _ERASE_SCALE = (0.02, 0.33)  # torchvision RandomErasing defaults (as the SANE reference)
 _ERASE_RATIO = (0.3, 3.3)
 
@@ -202,14 +203,16 @@ class PermutationBank:
         if unknown:
             raise ValueError(f"the permutation spec names keys the tokenizer does not know: {sorted(unknown)[:5]}")
 
+        mask = tokenizer.encode(template).mask.reshape(-1)  # (N*d,)
+        # ids below 2^24 are exact in float32: one encode; beyond, two exact parts (hi, lo)
+        splits = [lambda t: t] if start <= _EXACT_FLOAT_IDS else [lambda t: t // _ID_SPLIT, lambda t: t % _ID_SPLIT]
+
         def encode_ids(id_sd: Mapping[str, Tensor]) -> np.ndarray:
             """Flat ``(N·d,)`` int64: the id held at each slot (padding: -1)."""
-            parts = []
-            for fn in (lambda t: t // _ID_SPLIT, lambda t: t % _ID_SPLIT):
+            flat = torch.zeros(n * d, dtype=torch.int64)
+            for fn in splits:
                 sd = {k: (fn(id_sd[k]).to(torch.float32) if k in id_sd else v) for k, v in template.items()}
-                parts.append(tokenizer.encode(sd).tokens.reshape(-1).to(torch.int64))
-            flat = parts[0] * _ID_SPLIT + parts[1]
-            mask = tokenizer.encode(template).mask.reshape(-1)
+                flat = flat * _ID_SPLIT + tokenizer.encode(sd).tokens.reshape(-1).to(torch.int64)
             return torch.where(mask, flat, torch.full_like(flat, -1)).numpy()
 
         base = encode_ids(ids)
@@ -305,14 +308,19 @@ class _ArrowRows:
             self._chunks, self._starts = chunks, starts
         return self._chunks
 
-    def flat(self, row: int) -> np.ndarray:
-        """The row's values as a flat ``(N·d,)`` array (a zero-copy view where the type allows)."""
+    def flat(self, row: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Values ``start:stop`` of the row's flat ``(N·d,)`` values (default: all of them).
+
+        A zero-copy view of the memory-mapped data for numeric types; booleans (bit-packed in
+        Arrow) are converted, so only the requested range is.
+        """
         chunks = self._load()
         c = bisect.bisect_right(self._starts, row) - 1
         outer, inner, values = chunks[c]
         j = row - self._starts[c]
         lo, hi = int(inner[outer[j]]), int(inner[outer[j + 1]])
-        piece = values.slice(lo, hi - lo)
+        stop = hi - lo if stop is None else min(stop, hi - lo)
+        piece = values.slice(lo + start, max(0, stop - start))
         if pa.types.is_boolean(piece.type):
             return piece.to_numpy(zero_copy_only=False)
         return piece.to_numpy(zero_copy_only=True)
@@ -440,8 +448,8 @@ class ZooWindowDataset(TorchDataset):
         end = start + self.window_size
         d = self.token_size
         flat = self._tokens.flat(row)
-        positions = self._positions.flat(row)[start * 3 : end * 3].reshape(self.window_size, 3)
-        mask = self._mask.flat(row)[start * d : end * d].reshape(self.window_size, d)
+        positions = self._positions.flat(row, start * 3, end * 3).reshape(self.window_size, 3)
+        mask = self._mask.flat(row, start * d, end * d).reshape(self.window_size, d)
         view, target = self._view(flat, start, rng, clean=self.clean_first_view)
         item: dict[str, Any] = {
             "tokens": torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32)),

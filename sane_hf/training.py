@@ -415,7 +415,7 @@ class _LoopState:
         self.global_step = 0
         self.train_seconds = 0.0
         self.tokens_seen = 0
-        self.recent_losses: list[float] = []  # this process's per-step losses since the last log
+        self.recent_losses: list[float] = []  # per-step losses (mean over processes) since the last log
         self.last_logged_loss: float | None = None
         self.history: list[dict[str, Any]] = []  # evaluations
 
@@ -987,16 +987,17 @@ def _train(
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.global_step += 1
-            step_loss = torch.stack(step_losses).float().mean().item()
+            local_loss = torch.stack(step_losses).float().mean()  # mean over the accumulated batches
             step_losses.clear()
-            state.recent_losses.append(step_loss)
+            step_loss = local_loss.item()
+            # the mean over processes (one scalar all-reduce): every process logs and checkpoints the same numbers
+            state.recent_losses.append(accelerator.reduce(local_loss, reduction="mean").item() if world > 1 else step_loss)
             state.train_seconds = seconds_before + time.perf_counter() - run_start
             throughput = state.tokens_seen / max(state.train_seconds, 1e-9)
             lr = scheduler.get_last_lr()[0]
             bar.update(1)
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
-                mean = torch.tensor(sum(state.recent_losses) / len(state.recent_losses), device=accelerator.device)
-                state.last_logged_loss = accelerator.reduce(mean, reduction="mean").item()
+                state.last_logged_loss = sum(state.recent_losses) / len(state.recent_losses)
                 state.recent_losses = []
                 bar.set_postfix(loss=f"{state.last_logged_loss:.4f}", tok_s=f"{throughput:,.0f}", lr=f"{lr:.2e}")
                 accelerator.log(

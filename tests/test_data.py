@@ -74,6 +74,17 @@ def test_bank_permutations_preserve_function(prepared):
         torch.testing.assert_close(_outputs(config, row, decoded, x), reference, atol=1e-5, rtol=1e-5)  # ...same function
 
 
+def test_bank_index_split_for_large_models(prepared, monkeypatch):
+    """Models beyond 2^24 parameters encode indices in two exact float32 parts: same maps."""
+    import sane_hf.data as data_module
+
+    _, _, tokenizer, config, bank = prepared
+    spec = permutation_spec_for_arch(config.arch, **config.model_kwargs())
+    monkeypatch.setattr(data_module, "_EXACT_FLOAT_IDS", 16)
+    split = PermutationBank.build(tokenizer, spec, num_permutations=4, seed=0)
+    assert np.array_equal(split.index_maps, bank.index_maps)
+
+
 def test_bank_on_a_resnet_with_batchnorm(resnet18):
     tokenizer = WeightTokenizer.from_reference(resnet18, token_size=32)
     spec = permutation_spec(resnet18, torch.zeros(2, 3, 16, 16))
@@ -192,6 +203,28 @@ def test_reads_memory_mapped_rows_without_copies(prepared):
     ds = ZooWindowDataset(split, 16, 1, Augmentation.none(), two_views=False)
     flat = ds._tokens.flat(0)
     assert not flat.flags.owndata and flat.shape == (split.features["tokens"].shape[0] * TOKEN_SIZE,)
+
+
+def test_in_memory_multi_chunk_and_shuffled_splits_give_the_same_windows(prepared):
+    import datasets
+
+    _, tokenized, _, _, _ = prepared
+    split = tokenized["train"].select_columns(["tokens", "positions", "mask"])
+    parts = datasets.concatenate_datasets([split.select(range(5)), split.select(range(5, len(split)))])
+    in_memory = datasets.Dataset.from_dict(split.to_dict(), features=split.features)
+    order = list(range(len(split)))[::-1]
+    shuffled = split.select(order)  # an indices mapping
+    make = lambda ds: ZooWindowDataset(ds, 16, 2, Augmentation.none(), two_views=False, seed=0)  # noqa: E731
+    reference = make(split)
+    for other in (make(parts), make(in_memory)):
+        for i in range(len(reference)):
+            assert torch.equal(other[i]["tokens"], reference[i]["tokens"])
+    flipped = make(shuffled)
+    for i in range(4):
+        row = order[flipped[i]["sample_index"]]
+        full = split.with_format("torch")[row]["tokens"]
+        start = flipped[i]["window_start"]
+        assert torch.equal(flipped[i]["tokens"], full[start : start + 16])
 
 
 def test_bad_inputs(prepared):

@@ -77,31 +77,51 @@ def test_training_reduces_validation_loss_and_writes_the_model_folder(trained):
     assert config["auto_map"]["AutoModel"].endswith("SaneModel")
 
 
-def test_kill_and_resume_reaches_the_same_parameters(zoo_dir, tmp_path):
-    """Killed after the step-4 checkpoint (mid-epoch, mid-run), resumed: identical to an uninterrupted run."""
-    settings = dict(max_steps=10, batch_size=4, windows_per_sample=2, gradient_accumulation_steps=2, eval_steps=3,
-                    save_steps=4)  # 12 checkpoints x 2 windows / 4 = 6 batches = 3 steps per epoch  # fmt: skip
-    full = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "full", **settings))
-
-    def kill(info):
-        if info.step == 6:
-            raise TrainingInterrupted("simulated kill")
-
-    with pytest.raises(TrainingInterrupted):
-        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", **settings), step_callback=kill)
-    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint_4"
-    assert not (tmp_path / "killed" / "metrics.json").exists()
-    with pytest.raises(ValueError, match="already holds a training run"):
-        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", **settings))
-    with pytest.raises(ValueError, match="settings changed.*learning_rate"):
-        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", resume=True, **{**settings, "learning_rate": 1e-4}))
-    resumed = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "killed", resume=True, **settings))
-
-    a, b = SaneModel.from_pretrained(full).state_dict(), SaneModel.from_pretrained(resumed).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (full, resumed))
+def _same_run(a, b) -> None:
+    sa, sb = SaneModel.from_pretrained(a).state_dict(), SaneModel.from_pretrained(b).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
     for key in ("train_loss", "val_loss", "val_reconstruction_r2", "steps", "tokens_seen", "eval_history"):
         assert ma[key] == mb[key], key
+
+
+def test_kill_and_resume_reaches_the_same_parameters(zoo_dir, tmp_path):
+    """Killed after a checkpoint (mid-epoch, then at an epoch's end), resumed: identical to an uninterrupted run."""
+    settings = dict(max_steps=10, batch_size=4, windows_per_sample=2, gradient_accumulation_steps=2, eval_steps=3)
+    # 12 checkpoints x 2 windows / 4 = 6 batches = 3 optimizer steps per epoch
+    full = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "full", save_steps=4, **settings))
+
+    for save_steps, kill_at, resume_at in ((4, 6, 4), (3, 5, 3)):  # step 4: mid-epoch; step 3: end of epoch 0
+        out = tmp_path / f"killed-{save_steps}"
+
+        def kill(info, kill_at=kill_at):
+            if info.step == kill_at:
+                raise TrainingInterrupted("simulated kill")
+
+        with pytest.raises(TrainingInterrupted):
+            train_sane(tiny_config(), zoo_dir, tiny_training(out, save_steps=save_steps, **settings), step_callback=kill)
+        assert latest_checkpoint(out).name == f"checkpoint_{resume_at}"
+        assert not (out / "metrics.json").exists()
+        resumed = train_sane(tiny_config(), zoo_dir, tiny_training(out, resume=True, save_steps=save_steps, **settings))
+        _same_run(full, resumed)
+
+    out = tmp_path / "killed-4"
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train_sane(tiny_config(), zoo_dir, tiny_training(out, save_steps=4, **settings))
+    with pytest.raises(ValueError, match="settings changed.*learning_rate"):
+        train_sane(tiny_config(), zoo_dir, tiny_training(out, resume=True, **{**settings, "learning_rate": 1e-4}))
+    with pytest.raises(ValueError, match="model config changed"):
+        train_sane(tiny_config(latent_dim=4), zoo_dir, tiny_training(out, resume=True, **settings))
+
+
+def test_dataloader_workers_do_not_change_the_run(zoo_dir, tmp_path):
+    """Windows and augmentations are a pure function of (seed, epoch, index): workers see the same data."""
+    runs = [
+        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / f"w{w}", max_steps=4, dataloader_num_workers=w,
+                                                         eval_steps=0, save_steps=0))  # fmt: skip
+        for w in (0, 2)
+    ]
+    _same_run(*runs)
 
 
 def _two_process_run(zoo_dir: str, out: str) -> None:
@@ -191,6 +211,18 @@ def test_mixed_precision_on_cpu_warns(zoo_dir, tmp_path):
     with pytest.warns(UserWarning, match="mixed_precision='bf16' on CPU"):
         train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, max_steps=1, mixed_precision="bf16", eval_split=None,
                    save_steps=0, permutation=False))  # fmt: skip
+
+
+def test_tensorboard_tracker_needs_tensorboard(zoo_dir, tmp_path):
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        out = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, max_steps=2, tracker="tensorboard"))
+        assert any((out / "logs").rglob("events.out.tfevents*"))
+    else:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, max_steps=2, tracker="tensorboard"),
+                       step_callback=_never)  # fmt: skip
 
 
 def test_training_config_fields_and_validation():
