@@ -18,7 +18,10 @@ Every builder returns a plain ``nn.Module`` whose ``state_dict`` keys are stable
     standard 11.2 M-parameter model).
 
 All builders take ``in_channels``, ``image_size``, ``num_classes``, ``activation``, ``dropout``
-and ``init``. Dropout follows every hidden activation of the MLP and the CNNs.
+and ``init``. Dropout follows every hidden activation of the MLP and the CNNs; it is a
+:class:`SeededDropout`, an ``nn.Dropout`` that draws its masks from an explicit
+``torch.Generator`` when one is set, so that population training can reproduce every model's
+masks exactly (see :func:`dropout_mask`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = [
     "list_architectures",
     "create_model",
     "init_weights",
+    "dropout_mask",
+    "SeededDropout",
     "MLP",
     "SmallCNN",
     "BasicBlock",
@@ -114,6 +119,33 @@ def init_weights(module: nn.Module, init: str = "kaiming-uniform", generator: to
                 m.bias.zero_()
 
 
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The inverted-dropout multiplier for one forward pass: ``(rand >= p) / (1 - p)``, float32.
+
+    One ``torch.rand(shape, generator=generator)`` draw per call; the population trainer calls
+    this with the same per-model generator, in the same order, so its masks equal these.
+    """
+    keep = torch.rand(shape, generator=generator) >= p
+    return keep.to(torch.float32) * (1.0 / (1.0 - p))
+
+
+class SeededDropout(nn.Dropout):
+    """``nn.Dropout`` whose masks come from ``self.generator`` when it is set (else torch's RNG).
+
+    With ``generator=None`` it is exactly ``nn.Dropout``. The attribute is not saved in the
+    ``state_dict``.
+    """
+
+    def __init__(self, p: float = 0.5, inplace: bool = False):
+        super().__init__(p, inplace)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or self.generator is None:
+            return super().forward(x)
+        return x * dropout_mask(x.shape, self.p, self.generator).to(x.dtype)
+
+
 class MLP(nn.Module):
     """Fully connected classifier: flatten → fc1 → act → fc2 → act → fc3."""
 
@@ -130,7 +162,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], num_classes)
         self.act = _activation(activation)
-        self.drop = nn.Dropout(dropout)
+        self.drop = SeededDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)  # (batch, C, H, W) -> (batch, C*H*W)
@@ -164,7 +196,7 @@ class SmallCNN(nn.Module):
         self.conv3 = nn.Conv2d(channels[1], channels[2], k3)
         self.pool = nn.MaxPool2d(2)
         self.act = _activation(activation)
-        self.drop = nn.Dropout(dropout)
+        self.drop = SeededDropout(dropout)
         size = image_size
         size = (size + 2 * pad - k + 1) // 2
         size = (size + 2 * pad - k + 1) // 2
@@ -229,7 +261,7 @@ class ResNet18(nn.Module):
             blocks = [BasicBlock(in_planes, p, stride, activation), BasicBlock(p, p, 1, activation)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             in_planes = p
-        self.drop = nn.Dropout(dropout)
+        self.drop = SeededDropout(dropout)
         self.fc = nn.Linear(planes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
