@@ -46,7 +46,7 @@ run sees exactly the windows an uninterrupted run would.
 
 Example::
 
-    >>> from sane_hf.data import ZooWindowDataset, collate_windows          # doctest: +SKIP
+    >>> from sane_hf.data import Augmentation, ZooWindowDataset, collate_windows  # doctest: +SKIP
     >>> ds = ZooWindowDataset(tokenized["train"], window_size=32, windows_per_sample=4,
     ...                       augmentation=Augmentation(noise_std=0.05), bank=bank)
     >>> batch = collate_windows([ds[0], ds[1]])

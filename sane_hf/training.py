@@ -804,9 +804,6 @@ def train_sane(
     if on_cpu:
         torch.set_num_threads(cfg.num_threads)
     try:
-        if cfg.overwrite_output_dir and accelerator.is_main_process:
-            _clear_output_dir(output_dir)
-        accelerator.wait_for_everyone()
         if resume_from is not None and tokenizer is None and (resume_from / "weight_tokenizer.json").is_file():
             tokenizer = WeightTokenizer.from_pretrained(resume_from)  # the exact normalisation of the run
         return _train(
@@ -842,9 +839,18 @@ def _allow_new_accelerator_settings(mixed_precision: str, cpu: bool) -> None:
 
 
 def _train(
-    accelerator, cfg, model_or_config, model_config, zoo, tokenizer, zoo_config, permutation_spec,
-    step_callback, resume_from, output_dir,
-) -> Path:  # fmt: skip
+    accelerator: Accelerator,
+    cfg: SaneTrainingConfig,
+    model_or_config: SaneModel | SaneConfig,
+    model_config: SaneConfig,
+    zoo: Any,
+    tokenizer: WeightTokenizer | str | os.PathLike | None,
+    zoo_config: ZooConfig | None,
+    permutation_spec: PermutationSpec | None,
+    step_callback: Callable[[StepInfo], None] | None,
+    resume_from: Path | None,
+    output_dir: Path,
+) -> Path:
     """The body of :func:`train_sane` once the Accelerator exists."""
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
@@ -899,6 +905,11 @@ def _train(
             val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
             generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs,
         )  # fmt: skip
+
+    # -- inputs are valid: from here on the output folder changes ------------------------------
+    if cfg.overwrite_output_dir and accelerator.is_main_process:
+        _clear_output_dir(output_dir)
+    accelerator.wait_for_everyone()
 
     # -- model, optimizer, schedule -------------------------------------------------------------
     set_seed(cfg.seed)

@@ -207,6 +207,17 @@ def test_tokenized_zoo_with_its_tokenizer_and_no_validation(tokenized_8, tmp_pat
     assert latest_checkpoint(out) is None
 
 
+def test_raw_datasetdict_with_its_zoo_config(raw_zoo, zoo_dir, tmp_path):
+    from sane_hf.zoo.dataset import load_zoo_config
+
+    out = train_sane(tiny_config(), raw_zoo, tiny_training(tmp_path, max_steps=2, save_steps=0),
+                     zoo_config=load_zoo_config(zoo_dir))  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["permutation_views"] and metrics["val_loss"] is not None
+    assert json.loads((out / "zoo_config.json").read_text())["arch"] == "cnn-s"
+    assert WeightTokenizer.from_pretrained(out).token_size == TOKEN_SIZE
+
+
 def test_mixed_precision_on_cpu_warns(zoo_dir, tmp_path):
     with pytest.warns(UserWarning, match="mixed_precision='bf16' on CPU"):
         train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, max_steps=1, mixed_precision="bf16", eval_split=None,
