@@ -295,6 +295,11 @@ class _ItemReader:
                 "(WeightTokenizer.from_pretrained(model_dir)); only WeightTokens and tokenized zoo splits "
                 "can be embedded with tokenizer=None"
             )
+        if self.normalize and not self.tokenizer.is_fitted:
+            raise ValueError(
+                "normalize=True needs a fitted tokenizer (tokenizer.fit(state_dicts), or the tokenizer saved with "
+                "a trained model: WeightTokenizer.from_pretrained(model_dir)); pass normalize=False to embed raw tokens"
+            )
         if isinstance(sd, Mapping) and isinstance(sd.get("weights"), (bytes, bytearray)):  # a zoo row
             from sane_hf.zoo.dataset import state_dict_from_bytes
 
