@@ -32,6 +32,7 @@ first N train images after a seeded shuffle, ``eval_subset`` does the same for v
 from __future__ import annotations
 
 import gzip
+import importlib
 import importlib.util
 import io
 import os
@@ -110,11 +111,16 @@ class TaskData:
 # safe readers
 
 
+# what pickled numpy arrays reference: protocol 2 (Python 2's file: _reconstruct/ndarray/dtype; from
+# Python 3 also _codecs.encode for the raw bytes) and protocol 5 (_frombuffer)
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
 
 
@@ -126,13 +132,18 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(
                 f"refusing to load global {module}.{name}: only numpy arrays are allowed in this file"
             )
-        if name == "_reconstruct":
-            try:  # numpy >= 2 keeps it in numpy._core; numpy.core is a deprecated alias there
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # pragma: no cover - numpy 1.x
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        if module == "numpy":
+            return getattr(np, name)
+        # numpy >= 2 keeps these in numpy._core; numpy.core is a deprecated alias there
+        submodule = module.rsplit(".", 1)[1]
+        try:
+            return getattr(importlib.import_module(f"numpy._core.{submodule}"), name)
+        except ImportError:  # pragma: no cover - numpy 1.x
+            return getattr(importlib.import_module(f"numpy.core.{submodule}"), name)
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not allowed in this file")
