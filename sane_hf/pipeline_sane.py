@@ -261,19 +261,19 @@ class WeightEmbeddingPipeline(_WeightPipeline):
             self.model, self.weight_tokenizer, models.items, batch_size=self._window_batch_size(window_batch_size),
             **params,
         )
-        return {"output": out, "single": models.single}
+        return {"embeddings": out.embeddings, "token_latents": out.token_latents, "single": models.single}
 
     def postprocess(self, model_outputs: dict[str, Any], return_tensors: bool = False) -> Any:
-        out = model_outputs["output"]
+        embeddings, token_latents = model_outputs["embeddings"], model_outputs["token_latents"]
 
         def convert(t: torch.Tensor) -> Any:
             return t.clone() if return_tensors else t.tolist()
 
         rows = []
-        for i in range(out.embeddings.shape[0]):
-            row = {"embedding": convert(out.embeddings[i])}
-            if out.token_latents is not None:
-                row["token_latents"] = convert(out.token_latents[i])
+        for i in range(embeddings.shape[0]):
+            row = {"embedding": convert(embeddings[i])}
+            if token_latents is not None:
+                row["token_latents"] = convert(token_latents[i])
             rows.append(row)
         return rows[0] if model_outputs["single"] else rows
 
@@ -412,19 +412,22 @@ def make_self_contained(folder: str | os.PathLike) -> list[str]:
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
         top = _module_level(tree)
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)}
         lines = source.splitlines(keepends=True)
         edits: list[tuple[int, int, list[str]]] = []  # (first line, last line) 0-based inclusive -> new lines
         for node in ast.walk(tree):
             module = _sane_module(node)
             if module is None:
                 continue
+            target = module.split(".")[0] if module else ""
+            bundled = bool(target) and "." not in module and (folder / f"{target}.py").exists()
+            if id(node) in guarded and not bundled:
+                continue  # already invisible to transformers' import check
             first, last = node.lineno - 1, node.end_lineno - 1
             text = "".join(lines[first : last + 1])
             indent = lines[first][: node.col_offset]
             if indent.strip() or not text[node.col_offset :].lstrip().startswith(("from", "import")):
                 raise RuntimeError(f"{name}:{node.lineno}: cannot rewrite an import that shares its line")
-            target = module.split(".")[0] if module else ""
-            bundled = bool(target) and "." not in module and (folder / f"{target}.py").exists()
             if not bundled and target and "." not in module and id(node) in top and isinstance(node, ast.ImportFrom):
                 spec = importlib.util.find_spec(f"{_PACKAGE}.{target}")
                 if spec is not None and spec.origin and Path(spec.origin).name == f"{target}.py":
