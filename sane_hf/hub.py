@@ -1,0 +1,904 @@
+"""Publishing SANE checkpoints and model zoos on the Hugging Face Hub, and reading them back offline.
+
+Models
+------
+:func:`push_model` publishes a trained model folder (``sane-hf train`` output) as a self-contained
+Hub repo: ``config.json`` with ``auto_map`` (``AutoConfig``/``AutoModel``) and ``custom_pipelines``
+(``weight-sampling``), the remote-code files (``configuration_sane.py``, ``modeling_sane.py``,
+``pipeline_sane.py`` and every file they import relatively), ``model.safetensors``, the tokenizer
+(``weight_tokenizer.json``), the run's configs and measurements, and a model card (``README.md``).
+
+It never pushes the training folder as it is. It stages a fresh folder
+(:func:`prepare_model_folder`): load model and tokenizer, save them through
+:func:`sane_hf.pipeline_sane.save_sane_pipeline` (which writes code, ``auto_map`` and
+``custom_pipelines`` together), copy the measurements, render the card, then check that every
+module named in ``config.json`` is present with its relative imports (:func:`check_model_folder`).
+The whole folder goes up in **one commit** (``HfApi.create_commit`` with a
+``CommitOperationAdd`` per file). Measured pitfall this avoids: ``model.push_to_hub`` after
+``pipe.save_pretrained`` uploads a ``config.json`` that names ``pipeline_sane.py`` without
+uploading the file, so ``pipeline(model=repo_id, trust_remote_code=True)`` fails for everyone else.
+
+Zoos
+----
+:func:`push_zoo` uploads a zoo folder (``sane-hf zoo build``/``import`` output) **as it is**, in one
+commit: ``README.md`` (the dataset card, whose YAML ``configs`` map splits to ``data/<split>-*``),
+``zoo_config.json``, ``zoo_summary.json`` and the parquet shards under ``data/``. The folder layout
+is already what ``datasets.load_dataset(repo_id)`` reads, so nothing is re-encoded, and the card
+body, its ``configs``/``dataset_info`` and the zoo's JSON files arrive byte for byte. (The
+alternative, ``DatasetDict.push_to_hub``, re-writes every shard, generates its own card metadata and
+does not carry ``zoo_config.json``, which ``load_zoo_config``, the trainer and the sampler read.)
+
+Files read from a model folder
+------------------------------
+The model card (:func:`render_model_card`) reports only numbers found in these files; a section
+whose file is missing says "not measured".
+
+===============================  ===============================================================
+``config.json``                  the :class:`~sane_hf.configuration_sane.SaneConfig`
+``weight_tokenizer.json``        the :class:`~sane_hf.tokenization_sane.WeightTokenizer`
+``zoo_config.json``              the training zoo's :class:`~sane_hf.zoo.dataset.ZooConfig` (``train_sane`` copies it)
+``training_config.json``         the :class:`~sane_hf.training.SaneTrainingConfig`
+``metrics.json``                 training measurements written by ``train_sane``: ``steps``, ``epochs``,
+                                 ``train_loss``, ``initial_val_loss``, ``val_loss``, ``val_reconstruction_loss``,
+                                 ``val_reconstruction_r2``, ``train_seconds``, ``tokens_per_second``, ...
+``probe_metrics.json``           the ``metrics.json`` of ``sane-hf probe`` (``{"metrics": {property: {method:
+                                 value}}, "metric_names": {property: "r2" | "accuracy"}, "notes": [...]}``);
+                                 ``probe/metrics.json`` (where ``sane-hf probe`` writes by default) is used
+                                 when ``probe_metrics.json`` is absent
+``sampling_metrics.json``        the ``metrics.json`` of ``sane-hf sample`` (``sampling/metrics.json`` is used
+                                 when it is absent)
+===============================  ===============================================================
+
+In a staged (pushed) folder the probe and sampling files always sit at the top level under the
+names ``probe_metrics.json`` and ``sampling_metrics.json``.
+
+Offline use
+-----------
+:func:`populate_hub_cache` lays a folder out as the Hub cache would after a download
+(``<cache>/models--org--name/{blobs,refs,snapshots}``), so that with ``HF_HUB_OFFLINE=1``
+``SaneModel.from_pretrained("org/name")``, ``AutoModel.from_pretrained("org/name",
+trust_remote_code=True)`` and ``pipeline(model="org/name", trust_remote_code=True)`` work on an
+air-gapped machine exactly as after ``from_pretrained`` online.
+
+Tokens are passed to ``huggingface_hub`` only; nothing here prints or logs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo, ModelCard
+
+__all__ = [
+    "CARD_FILE",
+    "TRAINING_METRICS_FILE",
+    "PROBE_METRICS_FILE",
+    "SAMPLING_METRICS_FILE",
+    "ZOO_CONFIG_FILE",
+    "TRAINING_CONFIG_FILE",
+    "MODEL_CARD_TAGS",
+    "PushResult",
+    "model_card_template_path",
+    "render_model_card",
+    "prepare_model_folder",
+    "check_model_folder",
+    "push_model",
+    "zoo_files",
+    "push_zoo",
+    "populate_hub_cache",
+]
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+TRAINING_METRICS_FILE = "metrics.json"
+PROBE_METRICS_FILE = "probe_metrics.json"
+SAMPLING_METRICS_FILE = "sampling_metrics.json"
+ZOO_CONFIG_FILE = "zoo_config.json"
+TRAINING_CONFIG_FILE = "training_config.json"
+TOKENIZER_FILE = "weight_tokenizer.json"
+#: Where the CLIs write by default inside a model folder; read when the flat name is absent.
+_FALLBACK_FILES = {PROBE_METRICS_FILE: "probe/metrics.json", SAMPLING_METRICS_FILE: "sampling/metrics.json"}
+#: Copied from the model folder into the staged repo when present (besides what save_sane_pipeline writes).
+_EXTRA_FILES = (TRAINING_METRICS_FILE, PROBE_METRICS_FILE, SAMPLING_METRICS_FILE, ZOO_CONFIG_FILE, TRAINING_CONFIG_FILE)
+
+MODEL_CARD_TAGS = ("weight-space-learning", "sane", "model-zoo", "sane-hf")
+# The card's library is `transformers`: the checkpoint is a transformers PreTrainedModel with remote
+# code (config.json carries auto_map), so the Hub's "Use this model" snippet (AutoModel,
+# trust_remote_code=True) and its download counter (config.json fetches) work as for any
+# transformers model. "sane-hf" is not a library the Hub knows (no snippet, no counting); it goes
+# into the tags instead.
+LIBRARY_NAME = "transformers"
+LICENSE = "apache-2.0"  # the license of sane-hf, under which the code files in the repo are shared
+SAMPLING_PIPELINE_TASK = "weight-sampling"
+NOT_MEASURED = "not measured"
+
+_REQUIRED_AUTO = ("AutoConfig", "AutoModel")
+_TEMPLATE_NAME = "model_card.md"
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    """What :func:`push_model` / :func:`push_zoo` did.
+
+    Attributes:
+        repo_id: the target repo.
+        repo_type: ``"model"`` or ``"dataset"``.
+        files: the paths in the repo of every file in the commit, sorted.
+        staging_dir: the folder the files were uploaded from; None when it was a temporary folder
+            (already deleted).
+        commit: the ``huggingface_hub.CommitInfo`` of the commit; None on a dry run.
+    """
+
+    repo_id: str
+    repo_type: str
+    files: list[str]
+    staging_dir: Path | None = None
+    commit: CommitInfo | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The pull request's URL with ``create_pr=True``, else the commit's URL; None on a dry run."""
+        if self.commit is None:
+            return None
+        return getattr(self.commit, "pr_url", None) or getattr(self.commit, "commit_url", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any | None:
+    """The parsed JSON at ``path``, or None when the file is missing; a clear error when it is broken."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _metrics_file(folder: Path, name: str) -> Path | None:
+    """``folder/name``, or the CLI's default location of that file, or None."""
+    for candidate in (name, _FALLBACK_FILES.get(name)):
+        if candidate and (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def _fmt(value: Any) -> str:
+    """A number for a Markdown table: None → "not measured", floats to 4 significant digits."""
+    if value is None:
+        return NOT_MEASURED
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.4g}"
+        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value) if value else "–"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _relative_files(folder: Path) -> list[str]:
+    """Every regular file under ``folder`` as a POSIX path relative to it, hidden paths excluded."""
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out.append(rel.as_posix())
+    return sorted(out)
+
+
+def _hf_api(token: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token or None)  # None: HF_TOKEN or the stored login, resolved by huggingface_hub
+
+
+# ----------------------------------------------------------------------------------------------
+# model card
+# ----------------------------------------------------------------------------------------------
+
+
+def model_card_template_path() -> Path:
+    """The packaged model-card template (a copy of ``model_card.md`` at the repository root)."""
+    return Path(__file__).resolve().parent / "templates" / _TEMPLATE_NAME
+
+
+_TRAINING_ROWS = (
+    ("steps", "optimizer steps"),
+    ("epochs", "passes over the training windows"),
+    ("train_loss", "final training loss (last logged)"),
+    ("initial_val_loss", "validation loss before training"),
+    ("val_loss", "final validation loss, γ·NT-Xent + (1−γ)·MSE"),
+    ("val_reconstruction_loss", "final validation reconstruction MSE (normalised tokens, real values)"),
+    ("val_reconstruction_r2", "reconstruction R² on validation windows (real values)"),
+    ("train_checkpoints", "zoo checkpoints trained on"),
+    ("num_tokens_per_checkpoint", "tokens per checkpoint"),
+    ("window_size", "tokens per training window"),
+    ("permutation_views", "permutation augmentation"),
+    ("tokens_per_second", "training throughput (tokens/s)"),
+    ("train_seconds", "training time (s)"),
+    ("num_processes", "processes"),
+)
+
+_METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights"}
+
+
+def _training_results(metrics: Mapping[str, Any] | None) -> str:
+    if metrics is None:
+        return (
+            f"Not measured: the folder holds no `{TRAINING_METRICS_FILE}` (written by `sane-hf train` / "
+            "`train_sane` at the end of a run)."
+        )
+    rows = [(f"`{key}`", meaning, _fmt(metrics.get(key))) for key, meaning in _TRAINING_ROWS]
+    return _table(("metric", "meaning", "value"), rows)
+
+
+def _probe_results(probe: Mapping[str, Any] | None) -> str:
+    if probe is None:
+        return (
+            f"Not measured: the folder holds no `{PROBE_METRICS_FILE}` (the `metrics.json` of "
+            "`sane-hf probe --model <folder> --zoo <zoo>`, which writes it to `<folder>/probe/metrics.json`)."
+        )
+    table = probe.get("metrics", probe)  # the probe CLI's file, or a bare {property: {method: value}}
+    if not isinstance(table, Mapping) or not table or not all(isinstance(v, Mapping) for v in table.values()):
+        return f"Not measured: `{PROBE_METRICS_FILE}` holds no `metrics` table of property × method."
+    names = probe.get("metric_names", {}) if isinstance(probe.get("metric_names"), Mapping) else {}
+    methods = [m for m in _METHOD_NAMES if any(m in row for row in table.values())]
+    methods += sorted({m for row in table.values() for m in row} - set(methods))
+    rows = []
+    for prop, row in table.items():
+        metric = names.get(prop, "")
+        metric = {"r2": "R²", "accuracy": "accuracy"}.get(metric, metric)
+        rows.append((f"`{prop}`", metric, *(_fmt(row.get(m)) for m in methods)))
+    text = [
+        "Test-split score of a linear probe per property (R² for continuous properties, accuracy for "
+        "categorical ones), fitted on SANE embeddings and on the two baselines of the same split:",
+        "",
+        _table(("property", "metric", *(_METHOD_NAMES.get(m, m) for m in methods)), rows),
+    ]
+    info = probe.get("info") if isinstance(probe.get("info"), Mapping) else {}
+    sizes = {k: v for k, v in info.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if sizes:
+        text += ["", "Setup: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in sizes.items()) + "."]
+    notes = probe.get("notes") or []
+    if notes:
+        text += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(text)
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Scalar leaves of nested dicts as ``(dotted.key, value)``; lists of scalars kept whole, others skipped."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, (int, float, str, bool)) or data is None:
+        out.append((prefix, data))
+    elif isinstance(data, (list, tuple)) and len(data) <= 8 and all(isinstance(v, (int, float)) for v in data):
+        out.append((prefix, list(data)))
+    return out
+
+
+_SAMPLING_ROWS_SHOWN = 60
+
+
+def _sampling_results(sampling: Mapping[str, Any] | None) -> str:
+    if sampling is None:
+        return (
+            f"Not measured: the folder holds no `{SAMPLING_METRICS_FILE}` (the `metrics.json` of "
+            "`sane-hf sample --model <folder> --zoo <zoo> --out <dir>`, copied here under that name)."
+        )
+    rows = [(f"`{k}`", _fmt(v)) for k, v in _flatten(sampling) if k]
+    if not rows:
+        return f"Not measured: `{SAMPLING_METRICS_FILE}` holds no numbers."
+    shown = rows[:_SAMPLING_ROWS_SHOWN]
+    text = ["Every number of the sampling evaluation, as recorded:", "", _table(("quantity", "value"), shown)]
+    if len(rows) > len(shown):
+        text += ["", f"({len(rows) - len(shown)} more in `{SAMPLING_METRICS_FILE}`.)"]
+    return "\n".join(text)
+
+
+def _zoo_section(zoo: Mapping[str, Any] | None, dataset_repo_id: str | None) -> str:
+    link = (
+        f"The zoo is published as the dataset [`{dataset_repo_id}`](https://huggingface.co/datasets/{dataset_repo_id}).\n\n"
+        if dataset_repo_id
+        else ""
+    )
+    if zoo is None:
+        return link + f"Not recorded: the folder holds no `{ZOO_CONFIG_FILE}`."
+    epochs = zoo.get("checkpoint_epochs")
+    if epochs is None and isinstance(zoo.get("epochs"), int):
+        epochs = list(range(zoo["epochs"] + 1))
+    source = zoo.get("source", "build")
+    rows = [
+        ("task", f"`{zoo.get('task')}`" if zoo.get("task") else NOT_MEASURED),
+        ("architecture", f"`{zoo.get('arch')}`" if zoo.get("arch") else NOT_MEASURED),
+        ("models", _fmt(zoo.get("num_models"))),
+        ("training epochs per model", _fmt(zoo.get("epochs"))),
+        ("stored checkpoint epochs", _fmt(epochs)),
+        ("image size", _fmt(zoo.get("image_size"))),
+        ("training images", "all" if zoo.get("train_subset") is None else _fmt(zoo.get("train_subset"))),
+        ("split fractions (train/val/test, by model)", _fmt(zoo.get("split_fractions"))),
+        ("grid seed", _fmt(zoo.get("seed"))),
+        ("permutation-aligned", _fmt(zoo.get("align"))),
+        ("made by", "`sane-hf zoo build`" if source == "build" else f"`{source}`"),
+    ]
+    if zoo.get("grid"):
+        rows.append(("grid arguments", f"`{json.dumps(zoo['grid'], sort_keys=True)}`"))
+    return link + f"From `{ZOO_CONFIG_FILE}`:\n\n" + _table(("", ""), rows)
+
+
+def _model_section(folder: Path, config: Mapping[str, Any] | None) -> str:
+    if config is None:
+        return "Not recorded: the folder holds no `config.json`."
+    keys = ("token_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "mlp_ratio",
+            "latent_dim", "projection_dim", "window_size", "halo_size", "gamma", "temperature", "dropout")
+    rows = [(f"`{k}`", _fmt(config.get(k))) for k in keys if k in config]
+    num_params = _count_parameters(folder)
+    if num_params is not None:
+        rows.append(("parameters", _fmt(num_params)))
+    text = ["SANE transformer autoencoder (`SaneConfig`, from `config.json`):", "", _table(("", ""), rows)]
+    tokenizer = _tokenizer_summary(folder)
+    if tokenizer:
+        text += ["", tokenizer]
+    return "\n".join(text)
+
+
+def _count_parameters(folder: Path) -> int | None:
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def _tokenizer_summary(folder: Path) -> str | None:
+    if not (folder / TOKENIZER_FILE).is_file():
+        return None
+    from sane_hf.tokenization_sane import WeightTokenizer
+
+    tok = WeightTokenizer.from_pretrained(folder)
+    values = sum(layer.num_values for layer in tok.layers)
+    fitted = "fitted on the zoo's training split" if tok.is_fitted else "not fitted (raw weights)"
+    return (
+        f"Tokenizer (`{TOKENIZER_FILE}`): {len(tok.layers)} tokenized layers, {values:,} weights per network "
+        f"→ {tok.num_tokens:,} tokens of {tok.token_size} values; per-layer normalisation {fitted}."
+    )
+
+
+def _training_section(training: Mapping[str, Any] | None) -> str:
+    if training is None:
+        return f"Not recorded: the folder holds no `{TRAINING_CONFIG_FILE}`."
+    keys = ("learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "num_epochs", "max_steps", "batch_size",
+            "gradient_accumulation_steps", "mixed_precision", "noise_std", "erase_prob", "permutation",
+            "windows_per_sample", "max_grad_norm", "seed")
+    rows = [(f"`{k}`", _fmt(training.get(k)) if training.get(k) is not None else "–") for k in keys if k in training]
+    return f"`SaneTrainingConfig` (from `{TRAINING_CONFIG_FILE}`):\n\n" + _table(("", ""), rows)
+
+
+def render_model_card(
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    *,
+    dataset_repo_id: str | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """The model card of a SANE model folder, filled with that checkpoint's own measurements.
+
+    Reads the files listed at the top of this module (config, tokenizer, zoo and training configs,
+    training/probe/sampling metrics); a results section whose file is missing says "not measured".
+    The YAML metadata: ``library_name: transformers`` (see ``LIBRARY_NAME``), ``license``,
+    ``tags`` (:data:`MODEL_CARD_TAGS`), ``datasets`` (``dataset_repo_id`` when given) and the
+    ``metrics`` that were measured.
+
+    Args:
+        folder: a model folder (``sane-hf train`` output, or a folder staged by :func:`prepare_model_folder`).
+        repo_id: the Hub id the card is for (used in the usage snippets); None = a placeholder.
+        dataset_repo_id: the Hub id of the training zoo, linked from the card and its metadata.
+        template_path: a Jinja2 Markdown template; default: :func:`model_card_template_path`.
+
+    Returns:
+        a ``huggingface_hub.ModelCard`` (``card.save(path)``, ``card.data``, ``card.text``).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    zoo = _read_json(folder / ZOO_CONFIG_FILE)
+    training = _read_json(folder / TRAINING_CONFIG_FILE)
+    metrics = _read_json(folder / TRAINING_METRICS_FILE)
+    probe_path = _metrics_file(folder, PROBE_METRICS_FILE)
+    sampling_path = _metrics_file(folder, SAMPLING_METRICS_FILE)
+    probe = _read_json(probe_path) if probe_path else None
+    sampling = _read_json(sampling_path) if sampling_path else None
+
+    measured: list[str] = []
+    if metrics is not None:
+        measured += ["mse", "r_squared"]
+    if probe is not None:
+        names = set((probe.get("metric_names") or {}).values()) if isinstance(probe, Mapping) else set()
+        measured += ["r_squared"] + (["accuracy"] if "accuracy" in names else [])
+    if sampling is not None:
+        measured.append("accuracy")
+    measured = list(dict.fromkeys(measured))
+
+    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        license=LICENSE,
+        tags=list(MODEL_CARD_TAGS),
+        datasets=[dataset_repo_id] if dataset_repo_id else None,
+        metrics=measured or None,
+        model_name=name,
+    )
+    zoo = zoo if isinstance(zoo, Mapping) else None
+    template = Path(template_path) if template_path is not None else model_card_template_path()
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=name,
+        repo_id=repo_id or "path/to/this/repo",
+        local_name=name,
+        zoo_arch=(zoo or {}).get("arch", "unknown"),
+        zoo_task=(zoo or {}).get("task", "unknown"),
+        zoo_section=_zoo_section(zoo, dataset_repo_id),
+        model_section=_model_section(folder, config),
+        training_section=_training_section(training),
+        training_results=_training_results(metrics),
+        probe_results=_probe_results(probe),
+        sampling_results=_sampling_results(sampling),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# staging and checking a model repo
+# ----------------------------------------------------------------------------------------------
+
+
+def _module_refs(config: Mapping[str, Any]) -> list[str]:
+    """``module.Class`` references of ``auto_map`` and ``custom_pipelines`` (tokenizer pairs flattened)."""
+    refs: list[str] = []
+    for value in (config.get("auto_map") or {}).values():
+        refs += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    for task in (config.get("custom_pipelines") or {}).values():
+        impl = task.get("impl") if isinstance(task, Mapping) else None
+        if isinstance(impl, str):
+            refs.append(impl)
+    return refs
+
+
+def check_model_folder(folder: str | os.PathLike, *, require_card: bool = True) -> list[str]:
+    """Problems that would make ``folder`` a broken Hub repo; an empty list when it is complete.
+
+    Checks: ``config.json``, weights and ``weight_tokenizer.json`` (and ``README.md`` when
+    ``require_card``) exist; ``auto_map`` names ``AutoConfig`` and ``AutoModel``;
+    ``custom_pipelines`` has ``weight-sampling``; every module named there is in the folder (not in
+    another repo), and so are the files those modules import relatively, recursively (found the way
+    ``transformers`` finds them when it loads remote code).
+    """
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    folder = Path(folder)
+    problems: list[str] = []
+    config = _read_json(folder / "config.json")
+    if config is None:
+        return [f"{folder} holds no config.json"]
+    required = ["weight_tokenizer.json"] + ([CARD_FILE] if require_card else [])
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        problems.append("no model.safetensors (or model.safetensors.index.json)")
+    problems += [f"no {name}" for name in required if not (folder / name).is_file()]
+    auto_map = config.get("auto_map") or {}
+    problems += [f"config.json: auto_map has no {key}" for key in _REQUIRED_AUTO if key not in auto_map]
+    if SAMPLING_PIPELINE_TASK not in (config.get("custom_pipelines") or {}):
+        problems.append(f"config.json: custom_pipelines has no {SAMPLING_PIPELINE_TASK!r}")
+
+    pending = []
+    for ref in _module_refs(config):
+        if "--" in ref:
+            problems.append(f"config.json refers to code in another repo: {ref!r}")
+            continue
+        module = ref.rsplit(".", 1)[0]
+        pending.append(module.replace(".", "/") + ".py")
+    seen: set[str] = set()
+    while pending:
+        rel = pending.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is referenced (config.json or a relative import) but not in the folder")
+            continue
+        base = Path(rel).parent
+        for imported in get_relative_imports(str(path)):
+            pending.append((base / (imported.replace(".", "/") + ".py")).as_posix())
+    return problems
+
+
+def prepare_model_folder(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    dataset_repo_id: str | None = None,
+) -> Path:
+    """Stage ``folder`` (a trained model folder) into ``out_dir`` as a complete Hub model repo.
+
+    Loads the :class:`~sane_hf.modeling_sane.SaneModel` and its :class:`WeightTokenizer`, saves
+    them with :func:`sane_hf.pipeline_sane.save_sane_pipeline` (weights, tokenizer, remote code,
+    ``auto_map``, ``custom_pipelines``), copies the configs and measurements (the probe and sampling
+    metrics under their flat names, see the module docstring), renders the model card into
+    ``README.md`` and checks the result with :func:`check_model_folder`.
+
+    Args:
+        folder: the model folder (``config.json``, ``model.safetensors``, ``weight_tokenizer.json``).
+        out_dir: the staging folder; must not exist or be empty.
+        repo_id, dataset_repo_id: passed to :func:`render_model_card`.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a model folder.
+        FileExistsError: ``out_dir`` is not empty.
+        ValueError: the staged folder fails :func:`check_model_folder` (the message lists why).
+    """
+    from sane_hf.modeling_sane import SaneModel
+    from sane_hf.pipeline_sane import save_sane_pipeline
+    from sane_hf.tokenization_sane import WeightTokenizer
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    missing = [name for name in ("config.json", TOKENIZER_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a SANE model folder: {', '.join(missing)} missing (pass the output folder of "
+            "`sane-hf train`, or a folder written by SaneModel.save_pretrained + WeightTokenizer.save_pretrained)"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"staging folder {out_dir} is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = SaneModel.from_pretrained(folder)
+    tokenizer = WeightTokenizer.from_pretrained(folder)
+    save_sane_pipeline(model, tokenizer, out_dir)
+    for name in _EXTRA_FILES:
+        source = _metrics_file(folder, name)
+        if source is not None and not (out_dir / name).exists():
+            shutil.copyfile(source, out_dir / name)
+    card = render_model_card(out_dir, repo_id, dataset_repo_id=dataset_repo_id)
+    card.save(out_dir / CARD_FILE)
+    problems = check_model_folder(out_dir)
+    if problems:
+        raise ValueError(f"the staged model repo in {out_dir} is incomplete: " + "; ".join(problems))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# pushing
+# ----------------------------------------------------------------------------------------------
+
+
+def _commit_folder(
+    staging: Path,
+    files: Sequence[str],
+    repo_id: str,
+    repo_type: str,
+    *,
+    private: bool | None,
+    token: str | None,
+    commit_message: str,
+    commit_description: str | None,
+    create_pr: bool,
+    revision: str | None,
+) -> CommitInfo:
+    """``create_repo(exist_ok=True)`` then one ``create_commit`` with a ``CommitOperationAdd`` per file."""
+    from huggingface_hub import CommitOperationAdd
+
+    api = _hf_api(token)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(staging / rel)) for rel in files]
+    logger.info("pushing %d files to the %s repo %s", len(operations), repo_type, repo_id)
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        repo_type=repo_type,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+class _staging:
+    """Context manager: the given folder (kept), or a temporary one (deleted on exit)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path is not None else None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> Path:
+        if self.path is not None:
+            return self.path
+        self._tmp = tempfile.TemporaryDirectory(prefix="sane-hf-push-")
+        return Path(self._tmp.name) / "repo"
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def push_model(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    dataset_repo_id: str | None = None,
+    dry_run: bool = False,
+    staging_dir: str | os.PathLike | None = None,
+) -> PushResult:
+    """Publish a trained SANE model folder on the Hub as a self-contained repo (one commit).
+
+    The folder is staged by :func:`prepare_model_folder` (code, ``auto_map``,
+    ``custom_pipelines``, tokenizer, weights, configs, measurements, ``README.md`` card), then
+    ``HfApi.create_repo(repo_id, exist_ok=True)`` and ``HfApi.create_commit`` with one
+    ``CommitOperationAdd`` per staged file. Afterwards anyone can run
+    ``SaneModel.from_pretrained(repo_id)``, ``AutoModel.from_pretrained(repo_id, trust_remote_code=True)``
+    and ``pipeline(model=repo_id, trust_remote_code=True)``.
+
+    Args:
+        folder: the model folder (``sane-hf train`` output).
+        repo_id: ``"user/name"``.
+        private: create the repo private (an existing repo keeps its visibility); None = Hub default.
+        token: a Hub token; None = ``HF_TOKEN`` or the stored login. Never printed or logged.
+        commit_message, commit_description: of the commit (a default message names the file count).
+        create_pr: open a pull request instead of committing to the branch.
+        revision: the branch to commit to (default ``main``).
+        dataset_repo_id: the Hub id of the training zoo, linked from the card.
+        dry_run: stage and list the files only; no network.
+        staging_dir: stage here and keep the folder (must not exist or be empty); default: a
+            temporary folder, deleted afterwards.
+
+    Returns:
+        :class:`PushResult` (``files``, ``commit``, ``url``).
+
+    Example::
+
+        >>> from sane_hf.hub import push_model  # doctest: +SKIP
+        >>> push_model("runs/sane-digits", "me/sane-digits", private=True).url  # doctest: +SKIP
+        'https://huggingface.co/me/sane-digits/commit/…'
+    """
+    with _staging(staging_dir) as staging:
+        prepare_model_folder(folder, staging, repo_id=repo_id, dataset_repo_id=dataset_repo_id)
+        files = _relative_files(staging)
+        result = PushResult(repo_id, "model", files, staging_dir=Path(staging_dir) if staging_dir else None)
+        if dry_run:
+            return result
+        result.commit = _commit_folder(
+            staging, files, repo_id, "model",
+            private=private, token=token, create_pr=create_pr, revision=revision,
+            commit_message=commit_message or f"Upload SANE model ({len(files)} files) with sane-hf",
+            commit_description=commit_description,
+        )
+        return result
+
+
+def zoo_files(zoo_folder: str | os.PathLike) -> list[str]:
+    """The files of a complete zoo folder that make its dataset repo, as sorted repo paths.
+
+    ``README.md`` (dataset card), ``zoo_config.json``, ``zoo_summary.json`` (when present) and the
+    parquet shards under ``data/``; hidden files (``.partial`` of an unfinished build, temp
+    folders) and anything else are left out.
+
+    Raises:
+        FileNotFoundError: not a zoo folder, or an unfinished build (``.partial`` present).
+        ValueError: the card has no ``configs``, or a ``data_files`` pattern of the card matches no shard.
+    """
+    from huggingface_hub import DatasetCard
+
+    folder = Path(zoo_folder)
+    if not (folder / ZOO_CONFIG_FILE).is_file() or (folder / ".partial").exists():
+        raise FileNotFoundError(
+            f"{folder} is not a complete zoo folder (it needs {ZOO_CONFIG_FILE} and no .partial/): "
+            "finish `sane-hf zoo build` / `zoo import` first"
+        )
+    if not (folder / CARD_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no {CARD_FILE} dataset card")
+    shards = [f for f in _relative_files(folder) if f.startswith("data/") and f.endswith(".parquet")]
+    configs = DatasetCard.load(folder / CARD_FILE).data.to_dict().get("configs") or []
+    if not configs:
+        raise ValueError(f"the dataset card {folder / CARD_FILE} has no `configs`: load_dataset could not find the splits")
+    for config in configs:
+        data_files = config.get("data_files") or []
+        entries = data_files if isinstance(data_files, list) else [data_files]
+        for entry in entries:
+            patterns = entry.get("path") if isinstance(entry, Mapping) else entry
+            for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+                if not any(fnmatch(shard, pattern) or fnmatch(shard, pattern + ".parquet") for shard in shards):
+                    raise ValueError(f"the dataset card's data_files pattern {pattern!r} matches no shard in {folder}")
+    names = [CARD_FILE, ZOO_CONFIG_FILE] + (["zoo_summary.json"] if (folder / "zoo_summary.json").is_file() else [])
+    return sorted(names + shards)
+
+
+def push_zoo(
+    zoo_folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+) -> PushResult:
+    """Publish a zoo folder as a Hub dataset repo, as it is, in one commit (see the module docstring).
+
+    The files are :func:`zoo_files` (card with ``configs``, ``zoo_config.json``,
+    ``zoo_summary.json``, ``data/*.parquet``); afterwards ``datasets.load_dataset(repo_id)`` and
+    ``sane_hf.zoo.load_zoo(repo_id)`` read the same splits as from the folder. Arguments as for
+    :func:`push_model`.
+    """
+    folder = Path(zoo_folder)
+    files = zoo_files(folder)
+    result = PushResult(repo_id, "dataset", files, staging_dir=folder)
+    if dry_run:
+        return result
+    result.commit = _commit_folder(
+        folder, files, repo_id, "dataset",
+        private=private, token=token, create_pr=create_pr, revision=revision,
+        commit_message=commit_message or f"Upload model zoo ({len(files)} files) with sane-hf",
+        commit_description=commit_description,
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the Hub cache, for offline and air-gapped machines
+# ----------------------------------------------------------------------------------------------
+
+#: Files stored through LFS on the Hub (their cache blob is named by the sha256 of the content);
+#: other files are named by their git blob id (sha1 of ``"blob <size>\0" + content``).
+_LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".parquet", ".arrow", ".npz", ".npy", ".png", ".jpg", ".gz")
+_LFS_MIN_BYTES = 10 * 1024 * 1024
+
+
+def _blob_id(path: Path) -> str:
+    size = path.stat().st_size
+    lfs = path.suffix in _LFS_SUFFIXES or size >= _LFS_MIN_BYTES
+    digest = hashlib.sha256() if lfs else hashlib.sha1(f"blob {size}\0".encode())
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def populate_hub_cache(
+    folder: str | os.PathLike,
+    repo_id: str,
+    cache_dir: str | os.PathLike | None = None,
+    revision_hash: str | None = None,
+    *,
+    repo_type: str = "model",
+    revision: str = "main",
+) -> Path:
+    """Lay ``folder`` out in a Hub cache as if ``repo_id`` had been downloaded from the Hub.
+
+    Writes ``<cache_dir>/<models|datasets>--org--name/``::
+
+        blobs/<id>                       one per file: sha256 for LFS-type files, the git blob sha1 otherwise
+        refs/<revision>                  the commit hash (no newline, as huggingface_hub writes it)
+        snapshots/<hash>/<path>          relative symlinks into blobs/ (copies where symlinks fail)
+
+    Then, with ``HF_HUB_OFFLINE=1`` (and ``HF_HOME``/``HF_HUB_CACHE`` pointing at the cache),
+    ``from_pretrained(repo_id)``, ``pipeline(model=repo_id, trust_remote_code=True)`` and
+    ``hf_hub_download(repo_id, filename)`` resolve ``repo_id`` from the cache without a network.
+    Useful on air-gapped machines: push (or :func:`prepare_model_folder`) on one machine, copy the
+    folder over, populate the cache there. Hidden files are skipped; files already in the snapshot
+    are replaced.
+
+    For a zoo (``repo_type="dataset"``), ``datasets.load_dataset(repo_id)`` offline reads only its
+    own prepared-data cache, not this one; use ``load_zoo(snapshot_download(repo_id,
+    repo_type="dataset"))`` instead (``snapshot_download`` resolves from this cache offline).
+
+    Args:
+        folder: the repo's files (e.g. a folder staged by :func:`prepare_model_folder`, a zoo folder).
+        repo_id: ``"org/name"`` (or ``"name"``).
+        cache_dir: the hub cache (the folder holding ``models--…``); default: ``huggingface_hub``'s
+            ``HF_HUB_CACHE`` (``$HF_HOME/hub``).
+        revision_hash: the 40-hex commit hash to file the snapshot under; default: a hash of the
+            folder's paths and contents (the same folder gives the same hash).
+        repo_type: ``"model"``, ``"dataset"`` or ``"space"``.
+        revision: the ref that points at the snapshot (default ``main``).
+
+    Returns:
+        the snapshot folder.
+
+    Example::
+
+        >>> snapshot = populate_hub_cache("staged/sane-digits", "me/sane-digits", "/tmp/hf/hub")  # doctest: +SKIP
+        >>> # HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 python -c 'SaneModel.from_pretrained("me/sane-digits")'
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    if repo_type not in ("model", "dataset", "space"):
+        raise ValueError(f"repo_type must be 'model', 'dataset' or 'space', got {repo_type!r}")
+    files = _relative_files(folder)
+    if not files:
+        raise ValueError(f"{folder} holds no files to cache")
+    blob_ids = {rel: _blob_id(folder / rel) for rel in files}
+    if revision_hash is None:
+        digest = hashlib.sha1()
+        for rel in files:
+            digest.update(f"{rel}\0{blob_ids[rel]}\0".encode())
+        revision_hash = digest.hexdigest()
+    if len(revision_hash) != 40 or any(c not in "0123456789abcdef" for c in revision_hash):
+        raise ValueError(f"revision_hash must be 40 lowercase hex digits (a commit hash), got {revision_hash!r}")
+
+    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    repo_dir = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    blobs, snapshot = repo_dir / "blobs", repo_dir / "snapshots" / revision_hash
+    blobs.mkdir(parents=True, exist_ok=True)
+    for rel in files:
+        blob = blobs / blob_ids[rel]
+        if not blob.exists():
+            tmp = blobs / f".{blob_ids[rel]}.incomplete"
+            shutil.copyfile(folder / rel, tmp)
+            os.replace(tmp, blob)
+        target = snapshot / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        try:
+            target.symlink_to(os.path.relpath(blob, target.parent))
+        except OSError:  # no symlinks (e.g. Windows without developer mode): a copy, as huggingface_hub does
+            shutil.copyfile(blob, target)
+    ref = repo_dir / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(revision_hash)
+    return snapshot
