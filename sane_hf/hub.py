@@ -275,8 +275,8 @@ def _probe_results(probe: Mapping[str, Any] | None) -> str:
     if not isinstance(table, Mapping) or not table or not all(isinstance(v, Mapping) for v in table.values()):
         return f"Not measured: `{PROBE_METRICS_FILE}` holds no `metrics` table of property × method."
     names = probe.get("metric_names", {}) if isinstance(probe.get("metric_names"), Mapping) else {}
-    methods = [m for m in _METHOD_NAMES if any(m in row for row in table.values())]
-    methods += sorted({m for row in table.values() for m in row} - set(methods))
+    # the protocol always sets SANE beside both baselines: a method that did not run shows "not measured"
+    methods = list(_METHOD_NAMES) + sorted({m for row in table.values() for m in row} - set(_METHOD_NAMES))
     rows = []
     for prop, row in table.items():
         metric = names.get(prop, "")
