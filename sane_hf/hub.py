@@ -219,6 +219,24 @@ def _relative_files(folder: Path) -> list[str]:
     return sorted(out)
 
 
+def _warn_local_paths(folder: Path, files: Iterable[str]) -> None:
+    """Warn (do not block) when a JSON file about to be published records an absolute local path.
+
+    ``zoo_config.json`` of an imported zoo holds the source folder (``import_options.src``) and
+    ``training_config.json`` the ``output_dir``; publishing them discloses local folder names.
+    """
+    for rel in files:
+        if not rel.endswith(".json") or rel.count("/"):
+            continue
+        try:
+            data = json.loads((folder / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key, value in _flatten(data):
+            if isinstance(value, str) and len(value) > 1 and (value.startswith("/") or value[1:3] == ":\\"):
+                logger.warning("%s records the local path %s = %r; it will be public in the repo", rel, key, value)
+
+
 def _hf_api(token: str | None):
     from huggingface_hub import HfApi
 
@@ -712,6 +730,7 @@ def push_model(
     with _staging(staging_dir) as staging:
         prepare_model_folder(folder, staging, repo_id=repo_id, dataset_repo_id=dataset_repo_id)
         files = _relative_files(staging)
+        _warn_local_paths(staging, files)
         result = PushResult(repo_id, "model", files, staging_dir=Path(staging_dir) if staging_dir else None)
         if dry_run:
             return result
@@ -782,6 +801,7 @@ def push_zoo(
     """
     folder = Path(zoo_folder)
     files = zoo_files(folder)
+    _warn_local_paths(folder, files)
     result = PushResult(repo_id, "dataset", files, staging_dir=folder)
     if dry_run:
         return result
