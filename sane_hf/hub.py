@@ -330,14 +330,113 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 _SAMPLING_ROWS_SHOWN = 60
+_GROUP_NAMES = {
+    "sampled": "SANE samples",
+    "random_init": "random initialisation",
+    "noise": "prompts + Gaussian noise (matched distance)",
+    "aligned_average": "average of aligned prompts",
+    "prompts": "prompt models",
+}
+
+
+def _mean_std(summary: Any) -> str:
+    """``mean ± std (n=…)`` of an evaluation summary ``{"mean", "std", "n"}``; "not measured" when empty."""
+    if not isinstance(summary, Mapping) or summary.get("mean") is None:
+        return NOT_MEASURED
+    text = _fmt(float(summary["mean"]))
+    if summary.get("std") is not None and summary.get("n", 0) > 1:
+        text += f" ± {_fmt(float(summary['std']))}"
+    return text + (f" (n={summary['n']})" if summary.get("n") is not None else "")
+
+
+def _curve_table(curves: Mapping[str, Any], gain: Mapping[str, Any] | None = None) -> str:
+    """Group × fine-tuning epoch table of accuracy summaries (``{group: {epoch: summary}}``)."""
+    epochs = sorted({e for c in curves.values() if isinstance(c, Mapping) for e in c}, key=lambda e: float(e))
+    rows = [
+        (_GROUP_NAMES.get(g, g), *(_mean_std(c.get(e)) for e in epochs))
+        for g, c in curves.items() if isinstance(c, Mapping)
+    ]
+    if gain:
+        rows.append(("**gain of samples over random init**", *(_fmt(gain.get(e)) for e in epochs)))
+    return _table(("test accuracy after fine-tuning epochs →", *(str(e) for e in epochs)), rows)
+
+
+def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
+    """The metrics of ``sane-hf sample --evaluate`` (:func:`sane_hf.evaluation.evaluate_sampling`)."""
+    prompts = m.get("prompts") or {}
+    sampling = m.get("sampling") or {}
+    accs = [a for a in prompts.get("test_acc") or [] if isinstance(a, (int, float))]
+    text = [
+        f"Task `{m.get('task')}`, architecture `{m.get('arch')}`, activation `{m.get('activation')}`; "
+        f"{len(accs)} prompt models from the test split at epoch {prompts.get('epoch')} "
+        f"(test accuracy mean {_fmt(sum(accs) / len(accs)) if accs else NOT_MEASURED}); "
+        f"{len(sampling.get('scores') or [])} samples, mode `{sampling.get('mode')}`, "
+        f"bandwidth {_fmt(sampling.get('bandwidth'))}, score `{sampling.get('score')}`.",
+        "",
+        "Test accuracy, mean ± std over models, without fine-tuning (epoch 0) and after fine-tuning "
+        "(every group with the same recipe):",
+        "",
+        _curve_table(m["accuracy"], m.get("gain_over_random_init")),
+    ]
+    novelty = m.get("novelty")
+    if isinstance(novelty, Mapping):
+        rows = []
+        for group in ("sampled", "noise", "prompts"):
+            entry = novelty.get(group)
+            if isinstance(entry, Mapping):
+                rows.append((_GROUP_NAMES.get(group, group), _mean_std(entry.get("nearest_distance")),
+                             _mean_std(entry.get("agreement")), _mean_std(entry.get("prompt_distance"))))
+        text += [
+            "",
+            f"Novelty: L2 distance to the nearest of {novelty.get('num_neighbours', '?')} training-zoo checkpoints "
+            "after permutation alignment, and the fraction of test inputs on which a model predicts the same "
+            "class as that checkpoint (near 1 with a small distance = a copy):",
+            "",
+            _table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
+                   rows),
+        ]
+    transfer = m.get("transfer")
+    if isinstance(transfer, Mapping) and isinstance(transfer.get("accuracy"), Mapping):
+        fallback = " — a stand-in: the zoo's own task with permuted labels" if transfer.get("fallback") else ""
+        text += [
+            "",
+            f"Transfer to `{transfer.get('task')}` ({transfer.get('description', '')}{fallback}), head reset, "
+            f"fine-tuned {transfer.get('epochs')} epoch(s); gain of samples over random init "
+            f"{_fmt(transfer.get('gain_over_random_init'))}:",
+            "",
+            _curve_table(transfer["accuracy"]),
+        ]
+    else:
+        text += ["", "Transfer to a new task: not measured."]
+    return text
+
+
+def _sampling_samples(m: Mapping[str, Any]) -> list[str]:
+    """The metrics of ``sane-hf sample`` without ``--evaluate``: one row per sample."""
+    rows = [(f"`{r.get('file', i)}`", _fmt(r.get("score")), _fmt(r.get("test_acc")), _fmt(r.get("anchor_model_id")))
+            for i, r in enumerate(m["samples"]) if isinstance(r, Mapping)]
+    accs = [a for a in (m.get("prompts") or {}).get("test_acc") or [] if isinstance(a, (int, float))]
+    return [
+        f"Samples for task `{m.get('task')}` (architecture `{m.get('arch')}`), test accuracy without fine-tuning; "
+        f"prompt models' test accuracy mean {_fmt(sum(accs) / len(accs)) if accs else NOT_MEASURED}:",
+        "",
+        _table(("sample", "score", "test accuracy", "anchor prompt model"), rows),
+        "",
+        "Fine-tuning curves, baselines, novelty and transfer: not measured (`sane-hf sample --evaluate`).",
+    ]
 
 
 def _sampling_results(sampling: Mapping[str, Any] | None) -> str:
     if sampling is None:
         return (
             f"Not measured: the folder holds no `{SAMPLING_METRICS_FILE}` (the `metrics.json` of "
-            "`sane-hf sample --model <folder> --zoo <zoo> --out <dir>`, copied here under that name)."
+            "`sane-hf sample --evaluate --model <folder> --zoo <zoo> --out <dir>`, copied here under that name)."
         )
+    if isinstance(sampling.get("accuracy"), Mapping):
+        return "\n".join(_sampling_evaluation(sampling))
+    if isinstance(sampling.get("samples"), list) and sampling["samples"]:
+        return "\n".join(_sampling_samples(sampling))
+    # an unknown layout: every number as recorded, nothing derived
     rows = [(f"`{k}`", _fmt(v)) for k, v in _flatten(sampling) if k]
     if not rows:
         return f"Not measured: `{SAMPLING_METRICS_FILE}` holds no numbers."

@@ -66,6 +66,40 @@ PROBE_METRICS = {
 }
 
 
+
+def _summary(values):
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+# the layout of sane_hf.evaluation.evaluate_sampling (sane-hf sample --evaluate)
+SAMPLING_METRICS = {
+    "task": "digits", "arch": "mlp", "activation": "relu",
+    "prompts": {"epoch": 2, "model_ids": [3, 5], "test_acc": [0.5, 0.7]},
+    "sampling": {"mode": "joint", "bandwidth": 0.25, "bandwidth_setting": "scott", "score": "train-acc",
+                 "scores": [0.61, 0.58], "anchor_model_ids": [3, 5], "nearest_prompt_model_ids": [3, 5], "rounds": [0, 0]},
+    "accuracy": {
+        "sampled": {"0": _summary([0.42, 0.44]), "1": _summary([0.61, 0.63])},
+        "random_init": {"0": _summary([0.1, 0.1]), "1": _summary([0.3, 0.32])},
+        "noise": {"0": _summary([0.2, 0.22]), "1": _summary([0.4, 0.42])},
+        "aligned_average": {"0": _summary([0.15]), "1": _summary([0.35])},
+        "prompts": {"0": _summary([0.5, 0.7]), "1": _summary([0.6, 0.72])},
+    },
+    "gain_over_random_init": {"0": 0.33, "1": 0.31},
+    "novelty": {
+        "sampled": {"nearest_distance": _summary([3.0, 5.0]), "agreement": _summary([0.5, 0.7]),
+                    "neighbour_model_ids": [1, 2], "prompt_distance": _summary([2.0, 2.0])},
+        "noise": {"nearest_distance": _summary([4.0, 4.0]), "agreement": _summary([0.3, 0.3]),
+                  "neighbour_model_ids": [1, 2], "prompt_distance": _summary([2.0, 2.0])},
+        "prompts": {"nearest_distance": _summary([6.0, 6.0]), "agreement": _summary([0.8, 0.8]),
+                    "neighbour_model_ids": [1, 2]},
+        "num_neighbours": 8,
+    },
+    "transfer": None,
+    "config": {"num_samples": 2}, "timings": {"sampling": 1.0}, "seconds": 3.5,
+}
+
 # ----------------------------------------------------------------------------------------------
 # fixtures
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +269,24 @@ def test_model_card_without_measurements_says_not_measured(tmp_path, tiny):
     assert "| `sampled.epoch_0.acc_mean` | 0.4321 |" in results
     assert card.data.to_dict()["metrics"] == ["accuracy"] and "datasets" not in card.data.to_dict()
     assert "Not recorded: the folder holds no `zoo_config.json`" in card.text
+
+
+def test_model_card_sampling_evaluation_tables(tmp_path, tiny):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "sampling").mkdir()
+    (tmp_path / "sampling" / "metrics.json").write_text(json.dumps(SAMPLING_METRICS))  # the fallback location
+    text = render_model_card(tmp_path).text
+    sampling = text.split("### Sampling")[1].split("## Limitations")[0]
+    assert "| SANE samples | 0.43 ± 0.01 (n=2) | 0.62 ± 0.01 (n=2) |" in sampling
+    assert "| random initialisation | 0.1 ± 0 (n=2) | 0.31 ± 0.01 (n=2) |" in sampling
+    assert "| average of aligned prompts | 0.15 (n=1) | 0.35 (n=1) |" in sampling
+    assert "| **gain of samples over random init** | 0.33 | 0.31 |" in sampling
+    assert "| SANE samples | 4 ± 1 (n=2) | 0.6 ± 0.1 (n=2) | 2 ± 0 (n=2) |" in sampling
+    assert f"| prompt models | 6 ± 0 (n=2) | 0.8 ± 0 (n=2) | {NOT_MEASURED} |" in sampling
+    assert "8 training-zoo checkpoints" in sampling and "Transfer to a new task: not measured." in sampling
+    assert "test accuracy mean 0.6" in sampling
 
 
 # ----------------------------------------------------------------------------------------------
