@@ -429,23 +429,36 @@ class _Stacked:
 
 
 class _StackedOptimizer:
-    """Adam (torch's L2 weight decay, no AMSGrad) and SGD with momentum 0.9, per model, one update."""
+    """Adam (torch's L2 weight decay, no AMSGrad) and SGD with momentum 0.9, per model, one update.
+
+    Every per-model setting is expanded to one value per parameter element, so one pass of ~12
+    in-place elementwise ops updates all models, whatever their optimizer, lr and weight decay:
+    ``buf = decay*buf + gain*g`` is Adam's first moment (decay b1, gain 1-b1) or SGD's momentum
+    buffer (decay 0.9, gain 1); the step ``lr_t * buf / (a_t*sqrt(v) + c)`` is Adam's with
+    ``a_t = 1/sqrt(bc2)``, ``c = eps`` and ``lr_t = lr/bc1``, and SGD's with ``a_t = 0``, ``c = 1``.
+    """
 
     def __init__(self, stacked: _Stacked, hparams: Sequence[HyperParams]):
         device = stacked.flat.device
-        self.stacked = stacked
-        per_model = lambda values: stacked.per_element(torch.tensor(values, dtype=torch.float32)).to(device)  # noqa: E731
+
+        def per_element(values) -> torch.Tensor:
+            return stacked.per_element(torch.tensor(values, dtype=torch.float32)).to(device)
+
+        b1, _ = ADAM_BETAS
         adam = [hp.optimizer == "adam" for hp in hparams]
+        self.stacked = stacked
         self.any_adam = any(adam)
-        self.lr = per_model([hp.lr for hp in hparams])
-        self.wd = per_model([hp.weight_decay for hp in hparams]) if any(hp.weight_decay for hp in hparams) else None
-        self.adam = per_model([float(a) for a in adam])
-        b1, b2 = ADAM_BETAS
-        self.decay = per_model([b1 if a else SGD_MOMENTUM for a in adam])  # momentum buffer decay
-        self.gain = per_model([1.0 - b1 if a else 1.0 for a in adam])  # weight of the new gradient
-        self.denom_offset = per_model([ADAM_EPS if a else 1.0 for a in adam])  # sgd: denominator 1
+        self.wd = per_element([hp.weight_decay for hp in hparams]) if any(hp.weight_decay for hp in hparams) else None
+        self.lr_adam = per_element([hp.lr if a else 0.0 for hp, a in zip(hparams, adam)])
+        self.lr_sgd = per_element([0.0 if a else hp.lr for hp, a in zip(hparams, adam)])
+        self.adam = per_element([float(a) for a in adam])
+        self.decay = per_element([b1 if a else SGD_MOMENTUM for a in adam])
+        self.gain = per_element([1.0 - b1 if a else 1.0 for a in adam])
+        self.denom_offset = per_element([ADAM_EPS if a else 1.0 for a in adam])
         self.exp_avg = torch.zeros_like(stacked.flat)
         self.exp_avg_sq = torch.zeros_like(stacked.flat) if self.any_adam else None
+        # scratch buffers: no allocation per step
+        self.grad_buf, self.step_buf, self.denom_buf = (torch.empty_like(stacked.flat) for _ in range(3))
         self.step_count = 0
 
     @torch.no_grad()
@@ -453,19 +466,18 @@ class _StackedOptimizer:
         self.step_count += 1
         param, grad = self.stacked.flat, self.stacked.flat.grad
         if self.wd is not None:
-            grad = grad.addcmul(param, self.wd)
+            grad = torch.addcmul(grad, param, self.wd, out=self.grad_buf)  # L2: g + wd * p
         self.exp_avg.mul_(self.decay).addcmul_(grad, self.gain)
+        if not self.any_adam:
+            param.addcmul_(self.exp_avg, self.lr_sgd, value=-1.0)
+            return
         b1, b2 = ADAM_BETAS
-        if self.any_adam:
-            self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-            bc1 = 1.0 - b1**self.step_count
-            bc2_sqrt = (1.0 - b2**self.step_count) ** 0.5
-            # adam: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps); sgd: lr * buf / 1
-            step_size = self.lr * (self.adam * (1.0 / bc1 - 1.0) + 1.0)
-            denom = self.exp_avg_sq.sqrt().mul_(self.adam * (1.0 / bc2_sqrt)).add_(self.denom_offset)
-            param.addcdiv_(self.exp_avg * step_size, denom, value=-1.0)
-        else:
-            param.addcmul_(self.exp_avg, self.lr, value=-1.0)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        bc1 = 1.0 - b1**self.step_count
+        bc2_sqrt = (1.0 - b2**self.step_count) ** 0.5
+        step = torch.add(self.lr_sgd, self.lr_adam, alpha=1.0 / bc1, out=self.step_buf).mul_(self.exp_avg)
+        denom = torch.sqrt(self.exp_avg_sq, out=self.denom_buf).mul_(self.adam).mul_(1.0 / bc2_sqrt)
+        param.addcdiv_(step, denom.add_(self.denom_offset), value=-1.0)
 
 
 def _activation_runs(hparams: Sequence[HyperParams]) -> list[tuple[int, int, nn.Module]]:
@@ -831,8 +843,7 @@ def train_population(
     and jobs are yielded in order. Within a group, records come epoch by epoch, the group's models
     in input order at each epoch; every model's checkpoints come in ascending epoch. The records
     themselves (weights, metrics) do not depend on the grouping or on ``num_workers`` (up to float
-    round-off); sort by
-    ``(model_id, epoch)`` for a canonical order.
+    round-off); sort by ``(model_id, epoch)`` for a canonical order.
     """
     if isinstance(task, str):
         task = load_task(task)
