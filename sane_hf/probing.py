@@ -398,6 +398,7 @@ def probe_properties(
     Cs: Sequence[float] = DEFAULT_CS,
     refit: str = "train",
     max_iter: int = 1000,
+    num_threads: int | None = 1,
 ) -> ProbeResults:
     """Linear probes from features to properties, penalty chosen on ``val``, scored on ``test``.
 
@@ -414,6 +415,9 @@ def probe_properties(
         refit: ``"train"`` — the chosen probe is the one fitted on train (default); or
             ``"train+val"`` — refit on both splits before scoring test.
         max_iter: LogisticRegression iterations.
+        num_threads: BLAS/OpenMP threads while fitting (``threadpoolctl``); None = leave as is.
+            These are small problems: one thread is fastest, and oversubscribed BLAS threads on a
+            busy 2-core machine made the probes ~40x slower.
 
     Returns:
         :class:`ProbeResults` ``{target: ProbeResult}``: R² (regression) or accuracy
@@ -444,6 +448,13 @@ def probe_properties(
     if len(set(dims.values())) != 1:
         raise ValueError(f"the splits' features have different dimensions: {dims}")
 
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=num_threads):
+        return _probe_targets(splits, dims, targets, categorical, alphas, Cs, refit, max_iter)
+
+
+def _probe_targets(splits, dims, targets, categorical, alphas, Cs, refit, max_iter) -> ProbeResults:
     results = ProbeResults()
     for target in targets:
         columns = {}
@@ -695,6 +706,7 @@ def evaluate_zoo_probes(
     Cs: Sequence[float] = DEFAULT_CS,
     categorical: Iterable[str] = CATEGORICAL_TARGETS,
     extra_columns: Sequence[str] = (),
+    num_threads: int | None = 1,
     progress: bool = False,
 ) -> ZooProbeReport:
     """Property prediction on a zoo (DESIGN.md §6): SANE embeddings beside the baselines.
@@ -712,7 +724,7 @@ def evaluate_zoo_probes(
         methods: feature sets among ``("sane", "layer_stats", "raw")``.
         window, halo, batch_size, pooling, normalize: passed to ``embed_models``.
         raw_max_params: the raw-weights baseline is skipped (with a note) above this many weights.
-        refit, alphas, Cs, categorical: passed to :func:`probe_properties`.
+        refit, alphas, Cs, categorical, num_threads: passed to :func:`probe_properties`.
         extra_columns: zoo columns to carry into ``report.properties`` without probing them
             (e.g. ``test_acc`` to colour a plot); those missing from the zoo are ignored.
         progress: progress bars while embedding.
@@ -773,6 +785,7 @@ def evaluate_zoo_probes(
         results[method] = probe_properties(
             (f["train"], properties["train"]), (f["validation"], properties["validation"]),
             (f["test"], properties["test"]), targets, categorical=categorical, alphas=alphas, Cs=Cs, refit=refit,
+            num_threads=num_threads,
         )
         for target, result in results[method].items():
             if result.note:
