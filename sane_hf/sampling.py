@@ -117,6 +117,7 @@ class SampledModel:
         round: the bootstrap round that drew it (0 = from the prompts).
         candidate: its index among the candidates of that round.
         anchor_share: fraction of token positions drawn around ``anchor_index`` (1.0 in joint mode).
+        bandwidth: the kernel standard deviation of the round that drew it.
         latents: its sampled latents ``(N, latent_dim)`` in the prompts' token layout (only with
             ``return_latents=True``).
     """
@@ -127,6 +128,7 @@ class SampledModel:
     round: int = 0
     candidate: int = 0
     anchor_share: float = 1.0
+    bandwidth: float | None = None
     latents: Tensor | None = field(default=None, repr=False)
 
 
@@ -518,7 +520,8 @@ class _Candidate:
     round: int
     candidate: int
     order: int  # global draw order (ties keep it)
-    root: np.ndarray  # prompt index per position (joint: (1,)), for anchor bookkeeping
+    root: np.ndarray  # prompt index per position (N,), for anchor bookkeeping
+    bandwidth: float
     latents: Tensor  # (N, D) float32
     state_dict: OrderedDict[str, Tensor]
 
@@ -686,7 +689,9 @@ def sample_models(
                         root = anchor_roots[idx]  # (N,)
                     else:
                         root = anchor_roots[idx, np.arange(num_tokens)]  # (N,)
-                    pool.append(_Candidate(score, round_, i, order, np.asarray(root), z[offset].clone(), sd))
+                    pool.append(
+                        _Candidate(score, round_, i, order, np.asarray(root), kde.bandwidth, z[offset].clone(), sd)
+                    )
                     order += 1
                 if score_fn is not None and len(pool) > keep:
                     pool = sorted(pool, key=_Candidate.key)[:keep]
@@ -699,7 +704,7 @@ def sample_models(
         out.append(
             SampledModel(
                 state_dict=c.state_dict, score=c.score, anchor_index=int(root), round=c.round, candidate=c.candidate,
-                anchor_share=count / len(c.root), latents=c.latents if return_latents else None,
+                anchor_share=count / len(c.root), bandwidth=c.bandwidth, latents=c.latents if return_latents else None,
             )
         )
     return out

@@ -1,0 +1,638 @@
+"""The sampling evaluation protocol (DESIGN.md §6), behind ``sane-hf sample --evaluate``.
+
+Given a trained SANE, its tokenizer and a zoo:
+
+1. **Prompts**: the best ``num_prompts`` models of the zoo's *test* split at ``prompt_epoch``
+   (default: the last stored epoch), by test accuracy, among models with one activation (the best
+   model's, unless ``activation`` names one): a state_dict is only meaningful with its
+   activation function, so samples, prompts and baselines all use it.
+2. **Samples**: :func:`~sane_hf.sampling.sample_models` around the prompts; with ``score="train-acc"``
+   candidates are ranked by accuracy on ``score_samples`` training images (after BatchNorm
+   conditioning when the architecture has BatchNorm). BatchNorm statistics of every evaluated
+   model are re-estimated on ``bn_samples`` training images (:func:`~sane_hf.sampling.condition_batchnorm`).
+3. **Accuracy vs fine-tuning epoch** (``finetune_epochs``, e.g. 0, 1, 5) on the test split, mean ± std, of:
+
+   - ``sampled``: the samples;
+   - ``random_init``: the same architecture from random initialisation (one per sample);
+   - ``noise``: prompt ``i mod P`` plus isotropic Gaussian noise on the parameters whose norm equals
+     sample ``i``'s distance to its nearest prompt (after alignment): "prompts perturbed as far as
+     the samples are";
+   - ``aligned_average``: the prompts aligned to the best one by weight matching
+     (:func:`~sane_hf.alignment.align_to`), then averaged;
+   - ``prompts``: the prompts themselves.
+
+   Every model is fine-tuned with the same recipe (:func:`~sane_hf.zoo.train.fine_tune`: Adam,
+   ``finetune_lr``, batch 32, dropout off).
+4. **Novelty**: for each sample (and noise model, and prompt), the L2 distance over parameters to
+   its nearest training-zoo checkpoint after aligning it to that checkpoint (up to
+   ``max_neighbours`` train-split checkpoints, seeded subsample), and the fraction of test inputs
+   on which it predicts the same class as that neighbour. A sample that copies a training
+   checkpoint shows a small distance and an agreement near 1.
+5. **Transfer**: samples and prompts with their head reset (:func:`~sane_hf.sampling.reset_head`)
+   and random init, fine-tuned ``transfer_epochs`` on another task: ``transfer_task="auto"``
+   takes the first installed of Fashion-MNIST, MNIST and digits that differs from the zoo's task
+   and has its number of input channels, resampled to the zoo's image size; if none is installed,
+   the zoo's own task with a seeded permutation of the class labels (a weak stand-in: the features
+   transfer unchanged, only the head must be relearnt — reported as such).
+
+Everything is written to ``out_dir``: ``metrics.json``, ``accuracy_vs_epoch.png`` and the
+samples as ``sample_XXX.safetensors`` (metadata: score, anchor prompt, round, activation).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sane_hf.sampling import SAMPLING_MODES, condition_batchnorm, reset_head, sample_models
+
+__all__ = [
+    "SamplingEvalConfig",
+    "SamplingSetup",
+    "TRANSFER_CANDIDATES",
+    "select_prompts",
+    "accuracy_score_fn",
+    "aligned_average",
+    "noise_like",
+    "nearest_neighbours",
+    "prediction_agreement",
+    "resolve_transfer_task",
+    "run_sampling",
+    "evaluate_sampling",
+    "plot_accuracy",
+    "save_samples",
+]
+
+#: Tasks tried, in order, by ``transfer_task="auto"``.
+TRANSFER_CANDIDATES = ("fashion-mnist", "mnist", "digits")
+GROUPS = ("sampled", "random_init", "noise", "aligned_average", "prompts")
+
+
+def _parse_bandwidth(value: Any) -> float | str:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+@dataclass
+class SamplingEvalConfig:
+    """Settings of :func:`evaluate_sampling` (each field's ``help`` also drives ``sane-hf sample``)."""
+
+    num_samples: int = field(default=16, metadata={"help": "Models to sample."})
+    num_prompts: int | None = field(
+        default=10, metadata={"help": "Prompts: the best N test models at --prompt-epoch (0 = all of them)."}
+    )
+    prompt_epoch: int | None = field(
+        default=None, metadata={"help": "Checkpoint epoch of the prompts (default: the zoo's last stored epoch)."}
+    )
+    activation: str = field(
+        default="auto",
+        metadata={"help": "Activation of the prompts ('auto' = the best test model's); samples use it too."},
+    )
+    mode: str = field(default="joint", metadata={"help": f"KDE mode, one of {SAMPLING_MODES}."})
+    bandwidth: float | str = field(
+        default=0.1,
+        metadata={"help": "KDE kernel std in latent units, or a rule: 'scott' / 'silverman' (on the prompts)."},
+    )
+    bandwidth_scale: float = field(default=1.0, metadata={"help": "Multiplies the bandwidth."})
+    score: str = field(
+        default="train-acc",
+        metadata={"help": "Rank candidates by 'train-acc' (accuracy on --score-samples training images) or 'none'."},
+    )
+    score_samples: int = field(default=256, metadata={"help": "Training images the score uses."})
+    candidates: int | None = field(
+        default=None, metadata={"help": "Candidates drawn per round (default: 4 x num-samples when scored)."}
+    )
+    keep_top: int | None = field(default=None, metadata={"help": "Anchors kept per bootstrap round (default: num-samples)."})
+    bootstrap_rounds: int = field(default=0, metadata={"help": "Bootstrap rounds after the first draw."})
+    finetune_epochs: tuple[int, ...] = field(
+        default=(0, 1, 5), metadata={"help": "Fine-tuning epochs at which test accuracy is reported."}
+    )
+    finetune_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of fine-tuning."})
+    bn_samples: int = field(default=512, metadata={"help": "Training images for BatchNorm conditioning."})
+    max_neighbours: int | None = field(
+        default=200, metadata={"help": "Train-split checkpoints searched for nearest neighbours (0 = all)."}
+    )
+    transfer_task: str | None = field(
+        default="auto",
+        metadata={"help": "Task for the transfer test ('auto', a task name, or 'none' to skip)."},
+    )
+    transfer_epochs: int = field(default=1, metadata={"help": "Fine-tuning epochs on the transfer task."})
+    transfer_train_subset: int | None = field(
+        default=5000, metadata={"help": "Training images of the transfer task (0 = all)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, baselines, subsets and fine-tuning."})
+    window: int | None = field(default=None, metadata={"help": "Content tokens per window (default: from the model)."})
+    halo: int | None = field(default=None, metadata={"help": "Halo tokens on each side (default: from the model)."})
+    batch_size: int = field(default=32, metadata={"help": "Windows per SANE forward pass."})
+
+    def __post_init__(self) -> None:
+        self.bandwidth = _parse_bandwidth(self.bandwidth)
+        self.finetune_epochs = tuple(sorted({int(e) for e in self.finetune_epochs}))
+        if self.num_prompts == 0:
+            self.num_prompts = None
+        if self.max_neighbours == 0:
+            self.max_neighbours = None
+        if self.transfer_train_subset == 0:
+            self.transfer_train_subset = None
+        if self.transfer_task in ("none", ""):
+            self.transfer_task = None
+        if self.mode not in SAMPLING_MODES:
+            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+        if self.score not in ("train-acc", "none"):
+            raise ValueError(f"score must be 'train-acc' or 'none', got {self.score!r}")
+        for name in ("num_samples", "score_samples", "bn_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.finetune_epochs or self.finetune_epochs[0] < 0:
+            raise ValueError(f"finetune_epochs must be non-negative integers, got {self.finetune_epochs}")
+        if self.transfer_epochs < 0 or self.bootstrap_rounds < 0:
+            raise ValueError("transfer_epochs and bootstrap_rounds must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["finetune_epochs"] = list(self.finetune_epochs)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size), "values": [float(v) for v in arr]}
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def select_prompts(
+    split: Any, *, num_prompts: int | None, epoch: int | None, activation: str = "auto"
+) -> tuple[list[dict[str, Any]], int, str]:
+    """The best ``num_prompts`` rows of ``split`` at ``epoch`` with one activation, best first.
+
+    Returns ``(rows, epoch, activation)``; ``epoch=None`` takes the split's last epoch and
+    ``activation="auto"`` the activation of the best model at that epoch.
+    """
+    if len(split) == 0:
+        raise ValueError("the zoo's test split is empty: no prompt models")
+    meta = split.select_columns(["epoch", "test_acc", "activation"]).with_format(None)[:]
+    epochs = meta["epoch"]
+    epoch = max(epochs) if epoch is None else int(epoch)
+    at = [i for i, e in enumerate(epochs) if e == epoch]
+    if not at:
+        raise ValueError(f"no test-split checkpoint at epoch {epoch}; stored epochs: {sorted(set(epochs))}")
+    acc = [meta["test_acc"][i] if meta["test_acc"][i] == meta["test_acc"][i] else -1.0 for i in range(len(epochs))]
+    at.sort(key=lambda i: -acc[i])
+    if activation == "auto":
+        activation = meta["activation"][at[0]]
+    chosen = [i for i in at if meta["activation"][i] == activation]
+    if not chosen:
+        found = sorted({meta["activation"][i] for i in at})
+        raise ValueError(f"no test model with activation {activation!r} at epoch {epoch}; found {found}")
+    if num_prompts is not None:
+        chosen = chosen[:num_prompts]
+    return [split[i] for i in chosen], epoch, activation
+
+
+def accuracy_score_fn(
+    build: Callable[[], nn.Module], x: Tensor, y: Tensor, bn_data: Tensor | None = None
+) -> Callable[[Mapping[str, Tensor]], float]:
+    """``score_fn(state_dict)`` = accuracy on ``(x, y)`` of ``build()`` loaded with it (BN conditioned on ``bn_data``)."""
+
+    @torch.no_grad()
+    def score_fn(state_dict: Mapping[str, Tensor]) -> float:
+        net = build()
+        net.load_state_dict(state_dict, strict=True)
+        if bn_data is not None and _has_batchnorm(net):
+            condition_batchnorm(net, bn_data)
+        net.eval()
+        return float((net(x).argmax(-1) == y).float().mean())
+
+    return score_fn
+
+
+def aligned_average(
+    state_dicts: Sequence[Mapping[str, Tensor]], spec: Any, reference: int = 0
+) -> dict[str, Tensor]:
+    """Align every state_dict to ``state_dicts[reference]`` (weight matching), then average the float tensors."""
+    from sane_hf.alignment import align_to
+
+    ref = state_dicts[reference]
+    aligned = [sd if i == reference else align_to(sd, ref, spec)[0] for i, sd in enumerate(state_dicts)]
+    out: dict[str, Tensor] = {}
+    for key, value in ref.items():
+        if value.is_floating_point():
+            out[key] = torch.stack([sd[key].float() for sd in aligned]).mean(0).to(value.dtype)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def noise_like(
+    state_dict: Mapping[str, Tensor], keys: Sequence[str], norm: float, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """``state_dict`` plus isotropic Gaussian noise on ``keys`` whose total L2 norm is ``norm``."""
+    noise = {k: torch.randn(state_dict[k].shape, generator=generator, dtype=torch.float64) for k in keys}
+    total = math.sqrt(sum(float(n.pow(2).sum()) for n in noise.values())) or 1.0
+    out = {k: v.clone() for k, v in state_dict.items()}
+    for k, n in noise.items():
+        out[k] = (state_dict[k].double() + n * (norm / total)).to(state_dict[k].dtype)
+    return out
+
+
+def _distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Sequence[str]) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
+
+
+def nearest_neighbours(
+    state_dicts: Sequence[Mapping[str, Tensor]],
+    neighbours: Sequence[Mapping[str, Tensor]],
+    spec: Any,
+    keys: Sequence[str],
+) -> tuple[list[float], list[int]]:
+    """For each state_dict: the L2 distance over ``keys`` to its nearest neighbour after aligning to it, and its index."""
+    from sane_hf.alignment import align_to
+
+    dists, index = [], []
+    for sd in state_dicts:
+        best, arg = math.inf, -1
+        for j, nb in enumerate(neighbours):
+            aligned, _ = align_to(sd, nb, spec)
+            d = _distance(aligned, nb, keys)
+            if d < best:
+                best, arg = d, j
+        dists.append(best)
+        index.append(arg)
+    return dists, index
+
+
+@torch.no_grad()
+def prediction_agreement(a: nn.Module, b: nn.Module, x: Tensor, batch_size: int = 1000) -> float:
+    """Fraction of inputs on which ``a`` and ``b`` (in eval mode) predict the same class."""
+    flags = (a.training, b.training)
+    a.eval()
+    b.eval()
+    try:
+        same = 0
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            same += int((a(xb).argmax(-1) == b(xb).argmax(-1)).sum())
+        return same / max(len(x), 1)
+    finally:
+        a.train(flags[0])
+        b.train(flags[1])
+
+
+def resolve_transfer_task(
+    name: str | None, source: Any, *, train_subset: int | None, seed: int
+) -> tuple[Any, str, bool] | None:
+    """``(task data, description, is_fallback)`` for the transfer test, or None when skipped."""
+    from sane_hf.zoo.tasks import list_tasks, load_task
+
+    if name is None:
+        return None
+    size = source.image_size
+    if name != "auto":
+        task = load_task(name, image_size=size, train_subset=train_subset, seed=seed)
+        if task.in_channels != source.in_channels:
+            raise ValueError(
+                f"transfer task {name!r} has {task.in_channels} input channels but the zoo's models take "
+                f"{source.in_channels}"
+            )
+        return task, f"{name} ({size}x{size})", False
+    installed = set(list_tasks(installed_only=True))
+    for candidate in TRANSFER_CANDIDATES:
+        if candidate == source.name or candidate not in installed:
+            continue
+        task = load_task(candidate, image_size=size, train_subset=train_subset, seed=seed)
+        if task.in_channels == source.in_channels:
+            return task, f"{candidate} ({size}x{size})", False
+    # fallback: the source task with permuted labels (documented as a weak stand-in)
+    perm = torch.from_numpy(np.random.default_rng([seed, 7]).permutation(source.num_classes))
+    task = dataclasses.replace(
+        source, name=f"{source.name}-permuted-labels",
+        y_train=perm[source.y_train], y_val=perm[source.y_val], y_test=perm[source.y_test],
+    )
+    if train_subset is not None and train_subset < len(task.y_train):
+        task = dataclasses.replace(task, x_train=task.x_train[:train_subset], y_train=task.y_train[:train_subset])
+    return task, f"{source.name} with permuted labels (fallback: no other installed task fits)", True
+
+
+def save_samples(samples: Sequence[Any], out_dir: Path, metadata: Mapping[str, str]) -> list[str]:
+    """Write ``sample_XXX.safetensors`` files (best first); returns their names."""
+    from safetensors.torch import save_file
+
+    names = []
+    for i, s in enumerate(samples):
+        name = f"sample_{i:03d}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in s.state_dict.items()}
+        meta = {
+            **metadata,
+            "rank": str(i),
+            "score": "none" if s.score is None else repr(float(s.score)),
+            "anchor_index": str(s.anchor_index),
+            "round": str(s.round),
+            "key_order": json.dumps(list(tensors)),
+        }
+        save_file(tensors, str(out_dir / name), metadata=meta)
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# the protocol
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingSetup:
+    """What :func:`run_sampling` prepared: the task, an architecture builder, the prompts."""
+
+    task: Any
+    build: Callable[..., nn.Module]
+    prompts: list[dict[str, Any]]
+    prompt_sds: list[dict[str, Tensor]]
+    epoch: int
+    activation: str
+    param_keys: list[str]
+    bn_data: Tensor
+
+    def load(self, state_dict: Mapping[str, Tensor], condition: bool = True, data: Tensor | None = None) -> nn.Module:
+        """The architecture with ``state_dict`` loaded strictly, BatchNorm conditioned on ``data`` (default: train images)."""
+        net = self.build()
+        net.load_state_dict(state_dict, strict=True)
+        if condition and _has_batchnorm(net):
+            condition_batchnorm(net, self.bn_data if data is None else data)
+        return net.eval()
+
+
+def _setup(zoo: Any, zoo_config: Any, config: SamplingEvalConfig) -> SamplingSetup:
+    from sane_hf.zoo.architectures import create_model
+    from sane_hf.zoo.dataset import state_dict_from_bytes
+    from sane_hf.zoo.tasks import load_task
+
+    task = load_task(
+        zoo_config.task, image_size=zoo_config.image_size, train_subset=zoo_config.train_subset,
+        eval_subset=zoo_config.eval_subset, seed=zoo_config.seed,
+    )
+    rows, epoch, activation = select_prompts(
+        zoo["test"], num_prompts=config.num_prompts, epoch=config.prompt_epoch, activation=config.activation
+    )
+    if activation == "unknown":  # imported zoos: zoo_model's convention
+        activation = "relu"
+    kwargs = {**zoo_config.model_kwargs(), "in_channels": task.in_channels, "image_size": task.image_size}
+
+    def build(num_classes: int | None = None, seed: int | None = None, init: str = "default") -> nn.Module:
+        model_kwargs = dict(kwargs)
+        if num_classes is not None:
+            model_kwargs["num_classes"] = num_classes
+        return create_model(zoo_config.arch, activation=activation, dropout=0.0, init=init, seed=seed, **model_kwargs)
+
+    reference = build()
+    param_keys = [k for k, _ in reference.named_parameters()]
+    prompt_sds = [state_dict_from_bytes(r["weights"]) for r in rows]
+    return SamplingSetup(task, build, rows, prompt_sds, epoch, activation, param_keys, task.x_train[: config.bn_samples])
+
+
+def run_sampling(
+    model: Any, tokenizer: Any, zoo: Any, zoo_config: Any, config: SamplingEvalConfig, *, progress: bool = False
+) -> tuple[SamplingSetup, list[Any]]:
+    """Prompts + :func:`sample_models` with the configured score; returns ``(setup, samples)``."""
+    setup = _setup(zoo, zoo_config, config)
+    score_fn = None
+    if config.score == "train-acc":
+        n = config.score_samples
+        score_fn = accuracy_score_fn(setup.build, setup.task.x_train[:n], setup.task.y_train[:n], setup.bn_data)
+    samples = sample_models(
+        model, tokenizer, setup.prompt_sds, config.num_samples, mode=config.mode, bandwidth=config.bandwidth,
+        bandwidth_scale=config.bandwidth_scale, score_fn=score_fn, bootstrap_rounds=config.bootstrap_rounds,
+        keep_top=config.keep_top, candidates=config.candidates, seed=config.seed, window=config.window,
+        halo=config.halo, batch_size=config.batch_size, progress=progress,
+    )
+    return setup, samples
+
+
+def _curve(modules: Sequence[nn.Module], task: Any, epochs: Sequence[int], lr: float, seed: int) -> dict[str, Any]:
+    """Test accuracy of each module at each requested fine-tuning epoch (modules are fine-tuned in place)."""
+    from sane_hf.zoo.train import evaluate_model, fine_tune
+
+    top = max(epochs)
+    per_epoch: dict[int, list[float]] = {e: [] for e in epochs}
+    for i, module in enumerate(modules):
+        accs = [evaluate_model(module, task, "test")[0]]
+        if top > 0:
+            accs += fine_tune(module, task, epochs=top, lr=lr, seed=seed + i)
+        for e in epochs:
+            per_epoch[e].append(accs[e])
+    return {str(e): _summary(v) for e, v in per_epoch.items()}
+
+
+def evaluate_sampling(
+    model: Any,
+    tokenizer: Any,
+    zoo: Any,
+    zoo_config: Any,
+    config: SamplingEvalConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the protocol of the module docstring; returns the metrics (also written to ``out_dir``)."""
+    from sane_hf.alignment import permutation_spec
+    from sane_hf.zoo.dataset import state_dict_from_bytes, zoo_model
+
+    config = config or SamplingEvalConfig()
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    t = time.perf_counter()
+    setup, samples = run_sampling(model, tokenizer, zoo, zoo_config, config, progress=progress)
+    t = lap("sampling", t)
+    task, build, keys = setup.task, setup.build, setup.param_keys
+    spec = permutation_spec(build())
+    sample_sds = [s.state_dict for s in samples]
+    sample_nets = [setup.load(sd) for sd in sample_sds]
+    prompt_nets = [setup.load(sd, condition=False) for sd in setup.prompt_sds]
+
+    # the samples' distance to their nearest prompt sets the noise baseline's scale
+    prompt_dist, prompt_idx = nearest_neighbours(sample_sds, setup.prompt_sds, spec, keys)
+    gen = torch.Generator().manual_seed(config.seed)
+    P = len(setup.prompt_sds)
+    noise_sds = [noise_like(setup.prompt_sds[i % P], keys, prompt_dist[i], gen) for i in range(len(samples))]
+    noise_nets = [setup.load(sd) for sd in noise_sds]
+    average_sd = aligned_average(setup.prompt_sds, spec, reference=0)
+    average_net = setup.load(average_sd)
+    random_nets = [build(seed=config.seed * 100_003 + i, init="kaiming-uniform").eval() for i in range(len(samples))]
+    t = lap("baselines", t)
+
+    # novelty against the training zoo (before any fine-tuning)
+    train = zoo["train"]
+    rows = list(range(len(train)))
+    if config.max_neighbours is not None and len(rows) > config.max_neighbours:
+        rows = sorted(np.random.default_rng([config.seed, 11]).choice(len(rows), config.max_neighbours, replace=False))
+    neighbour_rows = [train[int(i)] for i in rows]
+    neighbour_sds = [state_dict_from_bytes(r["weights"]) for r in neighbour_rows]
+    x_test = task.x_test
+
+    def novelty(sds: Sequence[Mapping[str, Tensor]], nets: Sequence[nn.Module]) -> dict[str, Any]:
+        if not neighbour_sds:
+            return {"nearest_distance": _summary([]), "agreement": _summary([]), "neighbour_model_ids": []}
+        dists, idx = nearest_neighbours(sds, neighbour_sds, spec, keys)
+        agree = [
+            prediction_agreement(net, zoo_model(zoo_config, neighbour_rows[j]), x_test) for net, j in zip(nets, idx)
+        ]
+        return {
+            "nearest_distance": _summary(dists),
+            "agreement": _summary(agree),
+            "neighbour_model_ids": [int(neighbour_rows[j]["model_id"]) for j in idx],
+            "neighbour_epochs": [int(neighbour_rows[j]["epoch"]) for j in idx],
+        }
+
+    novelty_metrics = {
+        "sampled": {**novelty(sample_sds, sample_nets), "prompt_distance": _summary(prompt_dist)},
+        "noise": {**novelty(noise_sds, noise_nets), "prompt_distance": _summary(prompt_dist)},
+        "prompts": novelty(setup.prompt_sds, prompt_nets),
+        "num_neighbours": len(neighbour_sds),
+    }
+    t = lap("novelty", t)
+
+    # accuracy vs fine-tuning epoch (copies: the epoch-0 models are reused for transfer)
+    epochs, lr, seed = config.finetune_epochs, config.finetune_lr, config.seed
+    groups = {
+        "sampled": sample_nets, "random_init": random_nets, "noise": noise_nets,
+        "aligned_average": [average_net], "prompts": prompt_nets,
+    }
+    accuracy = {name: _curve([copy.deepcopy(m) for m in nets], task, epochs, lr, seed) for name, nets in groups.items()}
+    gain = {
+        e: accuracy["sampled"][e]["mean"] - accuracy["random_init"][e]["mean"] for e in accuracy["sampled"]
+    }
+    t = lap("finetune", t)
+
+    transfer: dict[str, Any] | None = None
+    resolved = resolve_transfer_task(
+        config.transfer_task, task, train_subset=config.transfer_train_subset, seed=config.seed
+    ) if config.transfer_task is not None else None
+    if resolved is not None:
+        ttask, description, fallback = resolved
+        t_epochs = tuple(range(config.transfer_epochs + 1))
+
+        def head_reset(nets: Sequence[nn.Module], offset: int) -> list[nn.Module]:
+            out = []
+            for i, net in enumerate(nets):
+                new = reset_head(copy.deepcopy(net), num_classes=ttask.num_classes, seed=seed + offset + i)
+                if _has_batchnorm(new):
+                    condition_batchnorm(new, ttask.x_train[: config.bn_samples])
+                out.append(new.eval())
+            return out
+
+        t_random = [
+            build(num_classes=ttask.num_classes, seed=config.seed * 100_003 + 50_000 + i, init="kaiming-uniform").eval()
+            for i in range(len(samples))
+        ]
+        transfer_acc = {
+            "sampled": _curve(head_reset(sample_nets, 0), ttask, t_epochs, lr, seed),
+            "random_init": _curve(t_random, ttask, t_epochs, lr, seed),
+            "prompts": _curve(head_reset(prompt_nets, 10_000), ttask, t_epochs, lr, seed),
+        }
+        last = str(config.transfer_epochs)
+        transfer = {
+            "task": ttask.name, "description": description, "fallback": fallback, "epochs": config.transfer_epochs,
+            "train_images": int(len(ttask.y_train)), "accuracy": transfer_acc,
+            "gain_over_random_init": transfer_acc["sampled"][last]["mean"] - transfer_acc["random_init"][last]["mean"],
+        }
+        t = lap("transfer", t)
+
+    metrics: dict[str, Any] = {
+        "task": task.name,
+        "arch": zoo_config.arch,
+        "activation": setup.activation,
+        "prompts": {
+            "epoch": setup.epoch,
+            "model_ids": [int(r["model_id"]) for r in setup.prompts],
+            "test_acc": [float(r["test_acc"]) for r in setup.prompts],
+        },
+        "sampling": {
+            "mode": config.mode,
+            "bandwidth": samples[0].bandwidth if samples else None,
+            "bandwidth_setting": config.bandwidth,
+            "score": config.score,
+            "scores": [s.score for s in samples],
+            "anchor_model_ids": [int(setup.prompts[s.anchor_index]["model_id"]) for s in samples],
+            "nearest_prompt_model_ids": [int(setup.prompts[i]["model_id"]) for i in prompt_idx],
+            "rounds": [s.round for s in samples],
+        },
+        "accuracy": accuracy,
+        "gain_over_random_init": gain,
+        "novelty": novelty_metrics,
+        "transfer": transfer,
+        "config": config.to_dict(),
+        "timings": timings,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = save_samples(samples, out, {"arch": zoo_config.arch, "activation": setup.activation, "task": task.name})
+        if plot_accuracy(metrics, out / "accuracy_vs_epoch.png"):
+            files.append("accuracy_vs_epoch.png")
+        metrics["files"] = ["metrics.json", *files]
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    if out_dir is not None:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
+    """Test accuracy (mean ± std) vs fine-tuning epoch per group; transfer in a second panel."""
+    from matplotlib.figure import Figure  # no pyplot: headless
+
+    accuracy = metrics.get("accuracy") or {}
+    if not accuracy:
+        return False
+    transfer = metrics.get("transfer")
+    panels = 2 if transfer else 1
+    fig = Figure(figsize=(5.5 * panels, 4.2), dpi=110)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+
+    def draw(ax, curves: Mapping[str, Any], title: str) -> None:
+        for name, curve in curves.items():
+            xs = sorted(int(e) for e in curve)
+            mean = [curve[str(e)]["mean"] for e in xs]
+            std = [curve[str(e)]["std"] for e in xs]
+            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=name)
+        ax.set_xlabel("fine-tuning epochs")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+
+    draw(axes[0], accuracy, f"{metrics.get('arch')} on {metrics.get('task')}")
+    if transfer:
+        draw(axes[1], transfer["accuracy"], f"transfer: {transfer['task']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
