@@ -532,39 +532,64 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
+def _stats(values: Iterable[float]) -> dict[str, Any]:
+    """``{n, min, mean, max}`` of the finite values (None when there are none)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"n": 0, "min": None, "mean": None, "max": None}
+    return {"n": len(finite), "min": min(finite), "mean": float(np.mean(finite)), "max": max(finite)}
+
+
+def _is_unknown_value(col: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return value == "unknown" or (value == -1 and ZOO_FEATURES[col].dtype.startswith("int"))
+
+
 def _summarise(metas: list[dict[str, Any]], splits: Mapping[str, list[int]]) -> dict[str, Any]:
     rows_per_split = {s: 0 for s in SPLITS}
     split_of = {m: s for s, ids in splits.items() for m in ids}
     for m in metas:
         rows_per_split[split_of[m["model_id"]]] += 1
-    by_epoch: dict[int, list[float]] = defaultdict(list)
+    by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for m in metas:
-        by_epoch[m["epoch"]].append(m["test_acc"])
+        by_epoch[m["epoch"]].append(m)
     per_epoch = {}
+    properties_per_epoch: dict[str, dict[str, Any]] = {prop: {} for prop in PROPERTY_COLUMNS}
     for epoch in sorted(by_epoch):
-        accs = [a for a in by_epoch[epoch] if math.isfinite(a)]
+        rows = by_epoch[epoch]
+        acc = _stats(r["test_acc"] for r in rows)
         per_epoch[str(epoch)] = {
-            "checkpoints": len(by_epoch[epoch]),
-            "test_acc_min": min(accs) if accs else None,
-            "test_acc_mean": float(np.mean(accs)) if accs else None,
-            "test_acc_max": max(accs) if accs else None,
+            "checkpoints": len(rows),
+            "test_acc_min": acc["min"],
+            "test_acc_mean": acc["mean"],
+            "test_acc_max": acc["max"],
         }
+        for prop in PROPERTY_COLUMNS:
+            properties_per_epoch[prop][str(epoch)] = _stats(r[prop] for r in rows)
     final: dict[int, dict[str, Any]] = {}
     for m in metas:
         if m["model_id"] not in final or m["epoch"] > final[m["model_id"]]["epoch"]:
             final[m["model_id"]] = m
-    final_accs = [m["test_acc"] for m in final.values() if math.isfinite(m["test_acc"])]
+    final_acc = _stats(m["test_acc"] for m in final.values())
+    # hyperparameter values counted per model (each model has one recipe)
+    hparam_counts: dict[str, dict[str, int]] = {}
+    for col in HPARAM_COLUMNS:
+        counts: dict[str, int] = defaultdict(int)
+        for m in final.values():
+            counts["unknown" if _is_unknown_value(col, m[col]) else _fmt(m[col])] += 1
+        hparam_counts[col] = dict(sorted(counts.items()))
     return {
         "num_models": len({m["model_id"] for m in metas}),
         "num_checkpoints": len(metas),
         "models_per_split": {s: len([i for i in splits[s] if i in final]) for s in SPLITS},
         "checkpoints_per_split": rows_per_split,
-        "final_test_acc": {
-            "min": min(final_accs) if final_accs else None,
-            "mean": float(np.mean(final_accs)) if final_accs else None,
-            "max": max(final_accs) if final_accs else None,
-        },
+        "final_test_acc": {"min": final_acc["min"], "mean": final_acc["mean"], "max": final_acc["max"]},
         "test_acc_per_epoch": per_epoch,
+        "properties_per_epoch": properties_per_epoch,
+        "hparam_counts": hparam_counts,
     }
 
 
@@ -602,6 +627,7 @@ def _assemble(
     tmp_data = out_dir / f".data-tmp-{os.getpid()}"
     tmp_data.mkdir(parents=True)
     shard_files: dict[str, list[Path]] = {s: [] for s in SPLITS}
+    split_nbytes: dict[str, int] = {s: 0 for s in SPLITS}  # in-memory (arrow) bytes: SplitInfo.num_bytes
     writers: dict[str, tuple[pq.ParquetWriter, int]] = {}
     first_weights: bytes | None = None
 
@@ -631,6 +657,7 @@ def _assemble(
                 writer, size = writers[split]
                 writer.write_table(part, row_group_size=64)
                 writers[split] = (writer, size + part.nbytes)
+                split_nbytes[split] += part.nbytes
         for split in SPLITS:
             close(split)
     finally:
@@ -659,7 +686,14 @@ def _assemble(
         summary["build_seconds"] = round(summary["build_seconds"] + summary["assemble_seconds"], 3)
     summary["notes"] = list(notes)
     summary["data_files"] = data_files
-    card = _render_card(config, summary, metas, first_weights, data_files, notes)
+    summary["num_bytes"] = {s: int(split_nbytes[s]) for s in SPLITS}
+    summary["download_bytes"] = {
+        s: sum(p.stat().st_size for p in data_dir.glob(f"{s}-*.parquet")) for s in SPLITS
+    }
+    summary["versions"] = _versions()
+    # an imported zoo's options name local folders: keep only names relative to the source
+    config = ZooConfig.from_dict({**config.to_dict(), "import_options": _public_import_options(config.import_options)})
+    card = _render_card(config, summary, metas, first_weights, data_files, notes, name=out_dir.resolve().name)
     _atomic_write_text(out_dir / "README.md", card)
     _atomic_write_text(out_dir / _SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     config.to_json_file(out_dir / _CONFIG_FILE)  # last: its presence (without .partial) marks a complete zoo
@@ -670,20 +704,164 @@ def _assemble(
 # dataset card
 # ---------------------------------------------------------------------------------------------
 
-_CITATION = """\
+_SANE_CITATION = """\
+@inproceedings{schurholt2024sane,
+  title         = {Towards Scalable and Versatile Weight Space Learning},
+  author        = {Sch{\\"u}rholt, Konstantin and Mahoney, Michael W. and Borth, Damian},
+  booktitle     = {Proceedings of the 41st International Conference on Machine Learning (ICML)},
+  year          = {2024},
+  eprint        = {2406.09997},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2406.09997}
+}"""
+
+_MODELZOOS_CITATION = """\
 @inproceedings{schurholt2022modelzoos,
-  title     = {Model Zoos: A Dataset of Diverse Populations of Neural Network Models},
-  author    = {Sch{\\"u}rholt, Konstantin and Taskiran, Diyar and Knyazev, Boris and Gir{\\'o}-i-Nieto, Xavier and Borth, Damian},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS), Datasets and Benchmarks Track},
-  year      = {2022}
+  title         = {Model Zoos: A Dataset of Diverse Populations of Neural Network Models},
+  author        = {Sch{\\"u}rholt, Konstantin and Taskiran, Diyar and Knyazev, Boris and Gir{\\'o}-i-Nieto, Xavier and Borth, Damian},
+  booktitle     = {Advances in Neural Information Processing Systems (NeurIPS), Datasets and Benchmarks Track},
+  year          = {2022},
+  eprint        = {2209.14764},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2209.14764}
+}"""
+
+_CITATION = _SANE_CITATION + "\n\n" + _MODELZOOS_CITATION
+
+
+@dataclass(frozen=True)
+class _TaskCard:
+    """What the dataset card says about a task's data: origin, license, citation."""
+
+    title: str
+    url: str
+    license: str  # Hub license identifier
+    license_text: str
+    source_datasets: tuple[str, ...]
+    citation: str
+    limitation: str
+
+
+_TASK_CARDS: dict[str, _TaskCard] = {
+    "digits": _TaskCard(
+        title="UCI Optical Recognition of Handwritten Digits (the 8×8 version shipped as scikit-learn's "
+        "`load_digits`, 1,797 images)",
+        url="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
+        license="cc-by-4.0",
+        license_text="Creative Commons Attribution 4.0 International (CC BY 4.0), as listed by the UCI "
+        "Machine Learning Repository",
+        source_datasets=("original",),
+        citation="""\
+@misc{alpaydin1998optdigits,
+  title        = {Optical Recognition of Handwritten Digits},
+  author       = {Alpaydin, E. and Kaynak, C.},
+  year         = {1998},
+  howpublished = {UCI Machine Learning Repository},
+  doi          = {10.24432/C50P49}
+}""",
+        limitation="The task is tiny (8×8 grey digits, 1,797 images: 1,078 train / 359 validation / 360 "
+        "test), so one test image is ~0.28 percentage points of accuracy; accuracies on these 8×8 digits are "
+        "not comparable to MNIST (28×28, 70,000 images) results.",
+    ),
+    "mnist": _TaskCard(
+        title="MNIST (Yann LeCun and Corinna Cortes), 28×28 grey digits, 50,000 / 10,000 / 10,000 images",
+        url="http://yann.lecun.com/exdb/mnist/",
+        license="cc-by-sa-3.0",
+        license_text="Creative Commons Attribution-Share Alike 3.0 (CC BY-SA 3.0), as commonly listed for "
+        "MNIST (copyright Yann LeCun and Corinna Cortes)",
+        source_datasets=("original", "extended|ylecun/mnist"),
+        citation="""\
+@article{lecun1998gradient,
+  title   = {Gradient-Based Learning Applied to Document Recognition},
+  author  = {LeCun, Yann and Bottou, L{\\'e}on and Bengio, Yoshua and Haffner, Patrick},
+  journal = {Proceedings of the IEEE},
+  volume  = {86},
+  number  = {11},
+  pages   = {2278--2324},
+  year    = {1998}
+}""",
+        limitation="MNIST is nearly solved: most reasonable models reach high accuracy, so accuracy "
+        "differences between models are small.",
+    ),
+    "fashion-mnist": _TaskCard(
+        title="Fashion-MNIST (Zalando Research), 28×28 grey clothing images, 60,000 train + 10,000 test",
+        url="https://github.com/zalandoresearch/fashion-mnist",
+        license="mit",
+        license_text="MIT License (Zalando SE)",
+        source_datasets=("original", "extended|zalando-datasets/fashion_mnist"),
+        citation="""\
+@article{xiao2017fashionmnist,
+  title   = {Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms},
+  author  = {Xiao, Han and Rasul, Kashif and Vollgraf, Roland},
+  journal = {arXiv preprint arXiv:1708.07747},
+  year    = {2017}
+}""",
+        limitation="Fashion-MNIST's 10,000 validation images are carved from its training set by a "
+        "seeded shuffle; results are not comparable to numbers trained on the full 60,000 images.",
+    ),
 }
 
-@inproceedings{schurholt2024sane,
-  title     = {Towards Scalable and Versatile Weight Space Learning},
-  author    = {Sch{\\"u}rholt, Konstantin and Mahoney, Michael W. and Borth, Damian},
-  booktitle = {International Conference on Machine Learning (ICML)},
-  year      = {2024}
-}"""
+_IMPORT_FORMATS = {
+    "folder": "a folder of checkpoint files (`*.safetensors`, `*.pt`/`*.pth` read with `weights_only=True`) "
+    "with an optional `properties.csv`/`properties.json` keyed by file stem",
+    "modelzoos": "the Model Zoos layout (Schürholt et al. 2022): trial folders with `params.json`, "
+    "`result.json` and `checkpoint_<epoch>/checkpoints`",
+    "unterthiner": "the Unterthiner et al. (2020) CNN zoo layout: a flat `weights.npy` matrix, `metrics.csv` "
+    "and a `layout.csv`/`layout.json`",
+}
+
+
+def _is_local_path(value: Any) -> bool:
+    return isinstance(value, str) and len(value) > 1 and (
+        os.path.isabs(value) or value.startswith(("/", "\\\\", "~")) or value[1:3] in (":\\", ":/")
+    )
+
+
+def _path_name(value: str) -> str:
+    return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _public_import_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Import options without local folders: ``src`` becomes the source folder's name and other
+    absolute paths become relative to the source folder (else just their file name).
+
+    >>> _public_import_options({"src": "/home/me/zoos/cnn", "properties": "/home/me/zoos/cnn/p.csv", "x": 1})
+    {'src': 'cnn', 'properties': 'p.csv', 'x': 1}
+    """
+    out = dict(options)
+    src = out.get("src")
+    if isinstance(src, str) and src:
+        out["src"] = _path_name(src) if _is_local_path(src) else src
+    for key, value in options.items():
+        if key == "src" or not _is_local_path(value):
+            continue
+        rel = None
+        if _is_local_path(src):
+            try:
+                rel = Path(value).relative_to(Path(src)).as_posix()
+            except ValueError:
+                rel = None
+        out[key] = rel if rel else _path_name(value)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the libraries that made the zoo (recorded in the summary and the card)."""
+    import platform
+
+    import datasets
+
+    try:
+        from sane_hf import __version__ as sane_version
+    except ImportError:  # pragma: no cover
+        sane_version = "unknown"
+    return {
+        "sane-hf": str(sane_version),
+        "torch": torch.__version__,
+        "datasets": datasets.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _size_category(n: int) -> str:
@@ -701,6 +879,93 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n:,} {word if n == 1 else (plural or word + 's')}"
+
+
+def _shown_epochs(epochs: Sequence[str], limit: int = 12) -> list[str]:
+    """All epochs when few, else ~``limit`` evenly spaced ones including the first and the last."""
+    if len(epochs) <= limit:
+        return list(epochs)
+    idx = sorted({round(i * (len(epochs) - 1) / (limit - 1)) for i in range(limit)})
+    return [epochs[i] for i in idx]
+
+
+def _rebuild_command(config: ZooConfig, name: str) -> str:
+    """The ``sane-hf zoo build`` command line that rebuilds this zoo (same rows, same splits)."""
+    import shlex
+
+    args = [
+        "sane-hf", "zoo", "build",
+        "--task", config.task,
+        "--arch", config.arch,
+        "--num-models", str(config.num_models),
+        "--epochs", str(config.epochs),
+        "--seed", str(config.seed),
+    ]
+    if config.checkpoint_epochs is not None:
+        args += ["--checkpoint-epochs", *map(str, config.checkpoint_epochs)]
+    if config.image_size is not None:
+        args += ["--image-size", str(config.image_size)]
+    if config.train_subset is not None:
+        args += ["--train-subset", str(config.train_subset)]
+    if config.eval_subset is not None:
+        args += ["--eval-subset", str(config.eval_subset)]
+    if config.arch_kwargs:
+        args += ["--arch-kwargs", json.dumps(config.arch_kwargs, sort_keys=True)]
+    if config.grid:
+        args += ["--grid", json.dumps(config.grid, sort_keys=True)]
+    if tuple(config.split_fractions) != (0.7, 0.15, 0.15):
+        args += ["--split-fractions", *map(repr, config.split_fractions)]
+    if config.align:
+        args.append("--align")
+    if config.models_per_chunk != ZooConfig.__dataclass_fields__["models_per_chunk"].default:
+        args += ["--models-per-chunk", str(config.models_per_chunk)]  # resume granularity, not the rows
+    args += ["--out", name]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _import_command(config: ZooConfig, name: str) -> str:
+    import shlex
+
+    fmt = config.source.split(":", 1)[1]
+    args = ["sane-hf", "zoo", "import", "--format", fmt, str(config.import_options.get("src", "SRC")), "--out", name]
+    if config.arch != "unknown":
+        args += ["--arch", config.arch]
+    if config.task != "unknown":
+        args += ["--task", config.task]
+    props = config.import_options.get("properties")
+    if fmt == "folder" and props:
+        args += ["--properties", str(props)]
+    args += ["--seed", str(config.seed)]
+    if tuple(config.split_fractions) != (0.7, 0.15, 0.15):
+        args += ["--split-fractions", *map(repr, config.split_fractions)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+_COLUMN_DESCRIPTIONS = {
+    "model_id": "model index (splits are by model)",
+    "epoch": "training epoch of the checkpoint (0 = initialisation, -1 = unknown)",
+    "seed": "training seed (-1 = unknown)",
+    "lr": "learning rate (NaN = unknown)",
+    "weight_decay": "weight decay / L2 regularisation (NaN = unknown)",
+    "optimizer": "optimizer name",
+    "activation": "activation function",
+    "init": "weight initialisation scheme",
+    "dropout": "dropout probability (NaN = unknown)",
+    "batch_size": "training batch size (-1 = unknown)",
+    "arch": "architecture name",
+    "task": "task (data set) name",
+    "train_acc": "top-1 accuracy on the training set (NaN = unknown)",
+    "val_acc": "top-1 accuracy on the validation set (NaN = unknown)",
+    "test_acc": "top-1 accuracy on the test set (NaN = unknown)",
+    "train_loss": "mean cross-entropy on the training set (NaN = unknown)",
+    "test_loss": "mean cross-entropy on the test set (NaN = unknown)",
+    "ggap": "generalisation gap, train_acc - test_acc",
+    "weights": "the state_dict as safetensors bytes (`sane_hf.zoo.state_dict_from_bytes`)",
+}
+
+
 def _render_card(
     config: ZooConfig,
     summary: Mapping[str, Any],
@@ -708,19 +973,43 @@ def _render_card(
     first_weights: bytes | None,
     data_files: Mapping[str, str],
     notes: Sequence[str],
+    *,
+    name: str = "zoo",
 ) -> str:
     from datasets import DatasetInfo, SplitDict, SplitInfo
     from huggingface_hub import DatasetCard, DatasetCardData
 
+    built = config.source == "build"
+    fmt = None if built else config.source.split(":", 1)[1]
+    task_card = _TASK_CARDS.get(config.task) if built else None
+    license_id = task_card.license if task_card is not None else "other"
+    num_bytes = summary.get("num_bytes") or {}
+    download = summary.get("download_bytes") or {}
+    versions = summary.get("versions") or _versions()
+
     splits = SplitDict()
     for split in SPLITS:
         if split in data_files:
-            splits.add(SplitInfo(name=split, num_examples=summary["checkpoints_per_split"][split]))
-    info = DatasetInfo(features=ZOO_FEATURES, splits=splits)._to_yaml_dict()
+            splits.add(SplitInfo(
+                name=split, num_bytes=int(num_bytes.get(split, 0)),
+                num_examples=summary["checkpoints_per_split"][split],
+            ))
+    info = DatasetInfo(
+        features=ZOO_FEATURES,
+        splits=splits,
+        download_size=sum(int(download.get(s, 0)) for s in data_files) or None,
+        dataset_size=sum(int(num_bytes.get(s, 0)) for s in data_files) or None,
+    )._to_yaml_dict()
+    card_kwargs: dict[str, Any] = {}
+    if license_id == "other":
+        card_kwargs["license_name"] = "source-license-unknown"  # explained in the card's License section
     card_data = DatasetCardData(
         pretty_name=f"Model zoo: {config.arch} on {config.task}",
-        tags=["weight-space-learning", "model-zoo", "sane"],
+        license=license_id,
+        task_categories=["other"],
+        tags=["weight-space-learning", "model-zoo", "sane", "safetensors"],
         size_categories=_size_category(summary["num_checkpoints"]),
+        source_datasets=list(task_card.source_datasets) if task_card is not None else ["original"],
         configs=[
             {
                 "config_name": "default",
@@ -728,17 +1017,15 @@ def _render_card(
             }
         ],
         dataset_info=info,
+        **card_kwargs,
     )
 
+    n_models, n_ckpts = summary["num_models"], summary["num_checkpoints"]
     lines: list[str] = [f"# Model zoo: `{config.arch}` on `{config.task}`", ""]
-    origin = (
-        "Built with `sane-hf zoo build`"
-        if config.source == "build"
-        else f"Imported with `sane-hf zoo import --format {config.source.split(':', 1)[1]}`"
-    )
+    origin = "Built with `sane-hf zoo build`" if built else f"Imported with `sane-hf zoo import --format {fmt}`"
     lines += [
-        f"{origin} (sane-hf): a population of {summary['num_models']} trained neural networks with "
-        f"{summary['num_checkpoints']} checkpoints (one row per model × epoch), stored tokenizer-free "
+        f"{origin} (sane-hf {versions.get('sane-hf', '?')}): a population of {_plural(n_models, 'trained neural network')} "
+        f"with {_plural(n_ckpts, 'checkpoint')} (one row per model × epoch), stored tokenizer-free "
         "as safetensors bytes for weight-space learning (e.g. SANE).",
         "",
     ]
@@ -746,13 +1033,14 @@ def _render_card(
         lines += [config.description, ""]
 
     # architecture
+    n_params = None
     lines += ["## Architecture", ""]
     if first_weights is not None:
         sd = state_dict_from_bytes(first_weights)
         n_params = sum(v.numel() for v in sd.values() if v.is_floating_point())
         lines += [
             f"`{config.arch}` with {n_params:,} parameters (floating-point values per checkpoint), "
-            f"{len(sd)} state_dict entries"
+            f"{_plural(len(sd), 'state_dict entry', 'state_dict entries')}"
             + (f", architecture arguments `{json.dumps(config.arch_kwargs)}`" if config.arch_kwargs else "")
             + ".",
             "",
@@ -762,57 +1050,63 @@ def _render_card(
         lines += [f"| `{k}` | {tuple(v.shape)} | {str(v.dtype).replace('torch.', '')} |" for k, v in sd.items()]
         lines.append("")
 
-    # task and training
-    if config.source == "build":
-        lines += [
-            "## Task and training",
-            "",
-            f"- task: `{config.task}` (image size {config.image_size}, {config.in_channels} channel(s), "
-            f"{config.num_classes} classes" + (f", {config.train_subset} training images" if config.train_subset else "") + ")",
-            f"- {config.num_models} models × epochs {config.stored_epochs} stored (trained for {config.epochs} epochs)",
-            f"- grid seed {config.seed}; grid arguments `{json.dumps(config.grid)}`",
-            f"- permutation-aligned to model 0: {'yes' if config.align else 'no'}",
-            "",
-        ]
+    if built:
+        lines += _task_and_training_section(config, task_card, versions, name)
+    else:
+        lines += _import_section(config, summary, metas, fmt or "", name)
 
-    # grid (what actually varies)
-    lines += ["## Hyperparameters", "", "| hyperparameter | values |", "|---|---|"]
+    # hyperparameters: value counts per model
+    lines += [
+        "## Hyperparameters",
+        "",
+        "Values per model (counts of models; every checkpoint of a model shares its recipe):",
+        "",
+        "| hyperparameter | values (models) |",
+        "|---|---|",
+    ]
+    counts_all = summary.get("hparam_counts") or {}
     for col in HPARAM_COLUMNS:
-        def is_unknown(v: Any, col: str = col) -> bool:
-            if isinstance(v, float):
-                return math.isnan(v)
-            return v == "unknown" or (v == -1 and ZOO_FEATURES[col].dtype.startswith("int"))
-
-        raw = [m[col] for m in metas]
-        known = sorted({v for v in raw if not is_unknown(v)})
-        if len(known) > 8 and not isinstance(known[0], str):
-            shown = f"{len(known)} distinct in [{_fmt(known[0])}, {_fmt(known[-1])}]"
+        counts = dict(counts_all.get(col, {}))
+        unknown = counts.pop("unknown", 0)
+        if len(counts) > 8 and not ZOO_FEATURES[col].dtype == "string":
+            values = sorted(float(v) for v in counts)
+            shown = f"{len(values)} distinct values in [{_fmt(values[0])}, {_fmt(values[-1])}], median {_fmt(float(np.median(values)))}"
         else:
-            shown = ", ".join(_fmt(v) for v in known)
-        if any(is_unknown(v) for v in raw):
-            shown = f"{shown}, unknown" if shown else "unknown"
+            def key(item: tuple[str, int]) -> Any:
+                try:
+                    return (0, float(item[0]), "")
+                except ValueError:
+                    return (1, 0.0, item[0])
+
+            shown = ", ".join(f"{v} ({c})" for v, c in sorted(counts.items(), key=key))
+        if unknown:
+            shown = f"{shown}, unknown ({unknown})" if shown else f"unknown ({unknown})"
         lines.append(f"| `{col}` | {shown} |")
     lines.append("")
 
     # property distributions
+    per_prop = summary.get("properties_per_epoch") or {}
+    epochs = list(summary["test_acc_per_epoch"])
+    shown_epochs = _shown_epochs(epochs)
     lines += [
         "## Properties",
         "",
-        "Test accuracy of the stored checkpoints per epoch:",
+        "Distribution of the measured properties over the stored checkpoints, per epoch "
+        "(finite values only; `n` counts them"
+        + ("" if len(shown_epochs) == len(epochs) else f"; {len(shown_epochs)} of {len(epochs)} epochs shown, "
+           "all are in `zoo_summary.json`")
+        + "):",
         "",
-        "| epoch | checkpoints | test_acc min | mean | max |",
-        "|---|---|---|---|---|",
+        "| property | epoch | n | min | mean | max |",
+        "|---|---|---|---|---|---|",
     ]
-    for epoch, row in summary["test_acc_per_epoch"].items():
-        lines.append(
-            f"| {epoch} | {row['checkpoints']} | {_fmt(row['test_acc_min'])} | {_fmt(row['test_acc_mean'])} "
-            f"| {_fmt(row['test_acc_max'])} |"
-        )
-    lines += [
-        "",
-        "| split | models | checkpoints |",
-        "|---|---|---|",
-    ]
+    for prop in PROPERTY_COLUMNS:
+        for epoch in shown_epochs:
+            st = per_prop.get(prop, {}).get(epoch, {"n": 0, "min": None, "mean": None, "max": None})
+            lines.append(
+                f"| `{prop}` | {'unknown' if epoch == '-1' else epoch} | {st['n']} | {_fmt(st['min'])} | {_fmt(st['mean'])} | {_fmt(st['max'])} |"
+            )
+    lines += ["", "| split | models | checkpoints |", "|---|---|---|"]
     for split in SPLITS:
         lines.append(
             f"| {split} | {summary['models_per_split'][split]} | {summary['checkpoints_per_split'][split]} |"
@@ -822,30 +1116,9 @@ def _render_card(
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
 
     # schema
-    descriptions = {
-        "model_id": "model index (splits are by model)",
-        "epoch": "training epoch of the checkpoint (0 = initialisation, -1 = unknown)",
-        "seed": "training seed (-1 = unknown)",
-        "lr": "learning rate (NaN = unknown)",
-        "weight_decay": "weight decay / L2 regularisation (NaN = unknown)",
-        "optimizer": "optimizer name",
-        "activation": "activation function",
-        "init": "weight initialisation scheme",
-        "dropout": "dropout probability (NaN = unknown)",
-        "batch_size": "training batch size (-1 = unknown)",
-        "arch": "architecture name",
-        "task": "task (data set) name",
-        "train_acc": "accuracy on the training set",
-        "val_acc": "accuracy on the validation set",
-        "test_acc": "accuracy on the test set",
-        "train_loss": "loss on the training set",
-        "test_loss": "loss on the test set",
-        "ggap": "generalisation gap, train_acc - test_acc",
-        "weights": "the state_dict as safetensors bytes (`sane_hf.zoo.state_dict_from_bytes`)",
-    }
     lines += ["## Schema", "", "| column | type | meaning |", "|---|---|---|"]
-    for name, feat in ZOO_FEATURES.items():
-        lines.append(f"| `{name}` | {feat.dtype} | {descriptions[name]} |")
+    for col, feat in ZOO_FEATURES.items():
+        lines.append(f"| `{col}` | {feat.dtype} | {_COLUMN_DESCRIPTIONS[col]} |")
     lines += [
         "",
         "## Usage",
@@ -854,30 +1127,196 @@ def _render_card(
         "from datasets import load_dataset",
         "from safetensors.torch import load",
         "",
-        'zoo = load_dataset("<this folder or repo id>")',
+        f'zoo = load_dataset("{name}")  # this folder; once pushed: load_dataset("<user>/{name}")',
         'row = zoo["train"][0]',
-        'state_dict = load(row["weights"])          # plain torch tensors',
+        'state_dict = load(row["weights"])  # plain torch tensors',
         "# format numeric columns only: binary columns lose trailing NUL bytes under numpy/torch formatting",
         'props = zoo["train"].with_format("torch", columns=["test_acc", "epoch"])',
         "",
-        "# or, with sane-hf",
-        "from sane_hf.zoo import load_zoo, tokenize_zoo",
-        "from sane_hf import WeightTokenizer",
+        "# or, with sane-hf: fit the tokenizer's normalisation on the train split and tokenize",
+        "from sane_hf.zoo import fit_tokenizer_on_zoo, load_zoo, tokenize_zoo",
         "",
-        'zoo = load_zoo("<this folder or repo id>")',
-        'tokenizer = WeightTokenizer.from_reference(load(zoo["train"][0]["weights"]), token_size=64)',
-        'tokens = tokenize_zoo(zoo, tokenizer.fit(...), normalize=True)',
-        "```",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        _CITATION,
+        f'zoo = load_zoo("{name}")',
+        "tokenizer = fit_tokenizer_on_zoo(zoo, token_size=64)",
+        "tokens = tokenize_zoo(zoo, tokenizer, normalize=True)  # adds tokens, positions, mask",
         "```",
         "",
     ]
+    lines += _limitations_section(config, summary, task_card, n_params)
+    lines += _license_section(config, task_card)
+    lines += ["## Citation", "", "```bibtex", _CITATION]
+    if task_card is not None:
+        lines += ["", task_card.citation]
+    lines += ["```", ""]
     card = DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
+
+
+def _task_and_training_section(
+    config: ZooConfig, task_card: _TaskCard | None, versions: Mapping[str, str], name: str
+) -> list[str]:
+    from sane_hf.zoo import train as train_mod
+
+    train_eval = getattr(train_mod, "DEFAULT_TRAIN_EVAL_SAMPLES", None)
+    data = task_card.title if task_card is not None else f"`{config.task}`"
+    lines = [
+        "## Task and training",
+        "",
+        f"- task: `{config.task}`: {data}; image size {config.image_size}, "
+        f"{_plural(config.in_channels or 0, 'channel')}, {_plural(config.num_classes or 0, 'class', 'classes')}"
+        + (f"; models trained on the first {config.train_subset:,} training images of a seeded shuffle"
+           if config.train_subset else "; models trained on the full training split")
+        + ". Inputs are scaled to [0, 1] and standardised with the training split's mean and std.",
+        f"- {_plural(config.num_models, 'model')} trained for {_plural(config.epochs, 'epoch')}; checkpoints "
+        f"stored at {'epoch' if len(config.stored_epochs) == 1 else 'epochs'} {config.stored_epochs} "
+        "(epoch 0 = initialisation).",
+        "- loss: cross-entropy (mean over each mini-batch); constant learning rate, no schedule, no data "
+        "augmentation.",
+        f"- optimiser per model (column `optimizer`): Adam (betas {tuple(getattr(train_mod, 'ADAM_BETAS', (0.9, 0.999)))}, "
+        f"eps {getattr(train_mod, 'ADAM_EPS', 1e-8):g}, L2 weight decay as in `torch.optim.Adam`) or SGD "
+        f"(momentum {getattr(train_mod, 'SGD_MOMENTUM', 0.9):g}, L2 weight decay); learning rate, weight decay, "
+        "dropout, activation, initialisation and batch size per model (see Hyperparameters).",
+        f"- hyperparameters drawn by `sample_grid(num_models, seed={config.seed})`"
+        + (f" with arguments `{json.dumps(config.grid, sort_keys=True)}`" if config.grid else " with default ranges")
+        + "; initialisation, data order and dropout masks are seeded from each model's `seed`.",
+        "- properties: `train_acc`/`train_loss` on "
+        + (f"at most {train_eval:,} (fixed) training images" if train_eval else "the training images")
+        + ", `val_acc` on the validation split, `test_acc`/`test_loss` on the test split, all in eval mode "
+        "(dropout off); `ggap = train_acc - test_acc`.",
+    ]
+    if config.eval_subset:
+        lines.append(
+            f"- `eval_subset` = {config.eval_subset:,}: validation and test accuracies/losses are **estimates** on "
+            f"the first {config.eval_subset:,} validation/test images of a seeded shuffle, not on the full splits."
+        )
+    else:
+        lines.append("- `eval_subset` not set: validation and test properties use the full splits.")
+    lines += [
+        f"- permutation-aligned to model 0: {'yes (weight matching on the final checkpoint)' if config.align else 'no'}.",
+        "- software: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        "Rebuild (same rows and splits, up to float round-off on other hardware or library versions):",
+        "",
+        "```bash",
+        _rebuild_command(config, name),
+        "# or: sane-hf zoo build --config zoo_config.json --out " + name,
+        "```",
+        "",
+    ]
+    return lines
+
+
+def _import_section(
+    config: ZooConfig, summary: Mapping[str, Any], metas: list[dict[str, Any]], fmt: str, name: str
+) -> list[str]:
+    src = config.import_options.get("src", "unknown")
+    sources = list(summary.get("sources") or [])
+    known, partial, unknown = [], [], []
+    for col in (*HPARAM_COLUMNS, *PROPERTY_COLUMNS):
+        flags = [_is_unknown_value(col, m[col]) for m in metas]
+        (unknown if all(flags) else partial if any(flags) else known).append(f"`{col}`")
+    options = {k: v for k, v in config.import_options.items() if k not in ("src", "sources_sha1") and v is not None}
+    lines = [
+        "## Source (imported)",
+        "",
+        f"- format: `{fmt}`: {_IMPORT_FORMATS.get(fmt, 'see sane_hf.zoo.importers')}.",
+        f"- source folder: `{src}` (folder name only; {_plural(len(sources) or config.num_models, 'model')}"
+        + (f", e.g. {', '.join(f'`{s}`' for s in sources[:3])}" if sources else "")
+        + "; the full list is `sources` in `zoo_summary.json`).",
+        f"- architecture label: `{config.arch}`; task label: `{config.task}` (as given to or read by the importer; "
+        "not verified against the weights' training data).",
+        f"- epochs found: up to {config.epochs}; models split by model with seed {config.seed}.",
+        "- mapped from the source (known for every checkpoint): " + (", ".join(known) or "none") + ".",
+    ]
+    if partial:
+        lines.append("- known for some checkpoints only: " + ", ".join(partial) + ".")
+    lines.append(
+        "- unknown (not in the source; NaN / -1 / `unknown` in the rows): " + (", ".join(unknown) or "none") + "."
+    )
+    if options:
+        lines.append(f"- import options: `{json.dumps(options, sort_keys=True)}`.")
+    lines += [
+        "- how the source models were trained (data, loss, optimiser, software) is not recorded by the import; "
+        "see the source's own documentation.",
+        "",
+        "Re-import:",
+        "",
+        "```bash",
+        _import_command(config, name),
+        "```",
+        "",
+    ]
+    return lines
+
+
+def _limitations_section(
+    config: ZooConfig, summary: Mapping[str, Any], task_card: _TaskCard | None, n_params: int | None
+) -> list[str]:
+    size = f"{n_params:,}-parameter " if n_params is not None else ""
+    lines = [
+        "## Limitations",
+        "",
+        f"- Narrow scope: {_plural(summary['num_models'], 'model')} of one small {size}"
+        f"architecture (`{config.arch}`) on a single task (`{config.task}`); weight-space models trained on this "
+        "zoo need not transfer to other architectures, tasks or larger models.",
+        "- Checkpoints of one model are strongly correlated; use the model-level splits (never split by row) "
+        "to avoid leakage.",
+    ]
+    if config.source == "build":
+        lines.append(
+            "- The hyperparameter grid is deliberately wide, so some models stay near chance accuracy; the "
+            "property distribution reflects the grid, not a tuned training recipe."
+        )
+        if config.eval_subset:
+            lines.append(
+                f"- Validation/test properties are estimated on {config.eval_subset:,} images only (standard "
+                f"error of an accuracy up to ~{50 / math.sqrt(config.eval_subset):.1f} percentage points)."
+            )
+        if config.train_subset:
+            lines.append(f"- Models saw only {config.train_subset:,} training images; accuracies are lower than "
+                         "with the full training split.")
+    else:
+        lines.append(
+            "- Imported: the properties and labels come from the source as found; unknown values are NaN / -1 / "
+            "`unknown`, and their provenance is not verified."
+        )
+    if task_card is not None:
+        lines.append(f"- {task_card.limitation}")
+    if not config.align:
+        lines.append("- Models are not permutation-aligned: equivalent networks can sit far apart in weight space.")
+    lines.append("")
+    return lines
+
+
+def _license_section(config: ZooConfig, task_card: _TaskCard | None) -> list[str]:
+    lines = ["## License", ""]
+    if task_card is not None:
+        lines += [
+            f"The models were trained on {task_card.title}, <{task_card.url}>, licensed under "
+            f"{task_card.license_text}. The checkpoints are derived from that data and this zoo is released "
+            f"under the same license (`{task_card.license}`); please also cite the data set (see Citation).",
+            "",
+        ]
+    elif config.source == "build":
+        lines += [
+            f"The license of the task data `{config.task}` is not recorded by sane-hf (`license: other`): "
+            "check the data set's own terms before redistributing this zoo.",
+            "",
+        ]
+    else:
+        known = _TASK_CARDS.get(config.task)
+        lines += [
+            "Imported zoo (`license: other`): the weights and properties come from the source folder "
+            f"`{config.import_options.get('src', 'unknown')}`, and their license is that of the source "
+            "population; sane-hf does not know it. Check the source's terms before redistributing."
+            + (
+                f" The task label `{config.task}` names {known.title}, licensed under {known.license_text}."
+                if known is not None
+                else ""
+            ),
+            "",
+        ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,6 +1341,9 @@ def _prepare_out_dir(out_dir: Path, identity: Mapping[str, Any], overwrite: bool
     if _is_complete(out_dir):
         existing = json.loads((out_dir / _CONFIG_FILE).read_text())
         wanted = json.loads(json.dumps(identity))
+        for data in (existing, wanted):  # the written config keeps only public (relative) import paths
+            if isinstance(data.get("import_options"), dict):
+                data["import_options"] = _public_import_options(data["import_options"])
         if {k: existing.get(k) for k in wanted} == wanted:
             return True
         raise ValueError(

@@ -112,12 +112,114 @@ def test_build_schema_files_and_card(tiny_zoo, cache_dir):
     assert {s: len(plain[s]) for s in plain} == {s: len(zoo[s]) for s in SPLITS}
     card = (out / "README.md").read_text()
     for needle in ("weight-space-learning", "model-zoo", "sane", "configs:", "dataset_info:", "Schürholt",
-                   "conv1.weight", "test_acc min", "## Schema"):
+                   "conv1.weight", "| `test_acc` | 2 |", "## Schema"):
         assert needle in card or needle.replace("ü", '{\\"u}') in card, needle
     cfg = load_zoo_config(out)
     assert (cfg.image_size, cfg.in_channels, cfg.num_classes) == (8, 1, 10)
     summary = load_zoo_summary(out)
     assert summary["num_models"] == 4 and summary["num_checkpoints"] == 12
+
+
+def _card(folder):
+    from huggingface_hub import DatasetCard
+
+    return DatasetCard.load(folder / "README.md")
+
+
+def test_built_card_license_properties_training_and_rebuild(tiny_zoo, cache_dir, monkeypatch):
+    import shlex
+
+    from sane_hf.cli import build_parser
+
+    out, _ = tiny_zoo
+    card = _card(out)
+    meta, text = card.data.to_dict(), card.text
+    # metadata: license of the task data, categories, sources, real split sizes
+    assert meta["license"] == "cc-by-4.0" and meta["task_categories"] == ["other"]
+    assert meta["source_datasets"] and meta["size_categories"] == "n<1K"
+    splits = meta["dataset_info"]["splits"]
+    assert {s["name"] for s in splits} == set(SPLITS) and all(s["num_bytes"] > 0 for s in splits)
+    assert meta["dataset_info"]["download_size"] == sum(p.stat().st_size for p in (out / "data").glob("*.parquet"))
+    assert "## License" in text and "CC BY 4.0" in text and "## Limitations" in text
+    assert "not comparable to MNIST" in text
+    # every property, every epoch: a row of the distribution table
+    for prop in ("train_acc", "val_acc", "test_acc", "train_loss", "test_loss", "ggap"):
+        for epoch in range(3):
+            assert f"| `{prop}` | {epoch} | 4 |" in text, (prop, epoch)
+    assert "| `optimizer` |" in text and "(4)" in text  # value counts per model (batch_size 32 for all 4)
+    # training details
+    for needle in ("cross-entropy", "`eval_subset` = 64", "estimates", "momentum 0.9", "sane-hf ", "torch ",
+                   "datasets ", "2406.09997", "2209.14764", "Alpaydin", "fit_tokenizer_on_zoo(zoo, token_size=64)",
+                   'load_dataset("digits-cnn")'):
+        assert needle in text, needle
+    assert "tokenizer.fit(...)" not in text and "<this folder or repo id>" not in text
+    assert " 1 epochs" not in text and "1 channel," in text
+    # the rebuild command parses with the real CLI and gives the same zoo identity
+    line = next(ln for ln in text.splitlines() if ln.startswith("sane-hf zoo build --task"))
+    assert line.endswith("--out digits-cnn")
+    for flag in ("--task digits", "--arch cnn-s", "--num-models 4", "--epochs 2", "--seed 0", "--eval-subset 64"):
+        assert flag in line, flag
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_build(config, *args, **kwargs):
+        seen["config"] = config
+        raise Captured
+
+    monkeypatch.setattr("sane_hf.zoo.dataset.build_zoo", fake_build)
+    args = build_parser().parse_args(shlex.split(line)[1:])
+    with pytest.raises(Captured):
+        args.func(args)
+    assert seen["config"]._identity() == load_zoo_config(out)._identity()
+    # the card, summary and config stay loadable by plain datasets
+    assert "versions" in load_zoo_summary(out) and "properties_per_epoch" in load_zoo_summary(out)
+    plain = datasets.load_dataset(str(out), cache_dir=cache_dir)
+    assert sum(len(plain[s]) for s in plain) == 12
+
+
+def test_imported_card_has_source_section_and_no_local_paths(tmp_path, cache_dir):
+    import csv
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from sane_hf.zoo.architectures import create_model
+    from sane_hf.zoo.importers import import_folder
+
+    src = tmp_path / "private-home" / "my-zoo"
+    src.mkdir(parents=True)
+    for i in range(3):
+        save_file(create_model("mlp", image_size=8, seed=i).state_dict(), src / f"m{i}.safetensors")
+    with open(src / "properties.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "test_acc", "lr"])
+        writer.writerows([[f"m{i}.safetensors", 0.5 + i / 10, 1e-3] for i in range(3)])
+    out = tmp_path / "imported"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # properties missing in the source: NaN, by design
+        import_folder(src.resolve(), out, arch="mlp", task="digits", progress=False, cache_dir=cache_dir)
+        # the finished zoo is recognised again (its config stores the public options only)
+        zoo = import_folder(src.resolve(), out, arch="mlp", task="digits", progress=False, cache_dir=cache_dir)
+    assert sum(len(zoo[s]) for s in SPLITS) == 3
+    for name in ("README.md", "zoo_config.json", "zoo_summary.json"):
+        content = (out / name).read_text()
+        assert str(tmp_path) not in content and "private-home" not in content, name
+    options = load_zoo_config(out).import_options
+    assert options["src"] == "my-zoo" and options["properties"] == "properties.csv"
+    card = _card(out)
+    meta, text = card.data.to_dict(), card.text
+    assert meta["license"] == "other" and meta["license_name"]
+    assert "## Source (imported)" in text and "`my-zoo`" in text and "## License" in text
+    mapped = next(ln for ln in text.splitlines() if ln.startswith("- mapped from the source"))
+    assert "`test_acc`" in mapped and "`lr`" in mapped
+    unknown = next(ln for ln in text.splitlines() if ln.startswith("- unknown"))
+    assert "`train_acc`" in unknown and "`optimizer`" in unknown
+    assert "sane-hf zoo import --format folder my-zoo --out imported" in text
+    assert "| `test_acc` | unknown | 3 | 0.5 | 0.6 | 0.7 |" in text  # a folder import knows no epochs
+    plain = datasets.load_dataset(str(out), cache_dir=cache_dir)
+    assert sum(len(plain[s]) for s in plain) == 3
 
 
 def test_build_rows_and_splits_by_model(tiny_zoo):
