@@ -19,8 +19,8 @@ models share a forward batch, and per-token latents are pooled and dropped unles
 Peak memory is one group's tokens and latents plus the activations of ``batch_size`` windows —
 independent of the number of models, and for a model longer than a window, of its length (beyond
 its own tokens). Windowing changes the attention context of a token whenever the model is longer
-than ``window + 2·halo``; embeddings are then exactly invariant to ``batch_size`` only, and
-invariant to ``window``/``halo`` only while ``window + 2·halo`` covers the whole model.
+than ``window + 2·halo``: embeddings are invariant to ``batch_size`` (up to float round-off), but
+to ``window``/``halo`` only while ``window + 2·halo`` covers the whole model.
 
 Example::
 
