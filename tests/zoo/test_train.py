@@ -107,7 +107,7 @@ def test_sample_grid_is_reproducible_and_covers_options():
     assert {hp.optimizer for hp in grid} == {"adam", "sgd"}
     assert {hp.activation for hp in grid} == {"relu", "tanh", "gelu", "sigmoid"}
     assert {hp.init for hp in grid} == {"kaiming-uniform", "kaiming-normal", "xavier", "uniform"}
-    assert {hp.dropout for hp in grid} == {0.0, 0.1, 0.3}
+    assert {hp.dropout for hp in grid} == {0.0, 0.1, 0.2}
     assert {hp.weight_decay for hp in grid} == {0.0, 1e-4, 1e-3}
     narrow = sample_grid(8, seed=0, optimizers=["sgd"], lr_range=(0.1, 0.1), batch_sizes=[16])
     assert all(hp.optimizer == "sgd" and hp.lr == pytest.approx(0.1) and hp.batch_size == 16 for hp in narrow)
