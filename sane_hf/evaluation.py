@@ -17,6 +17,10 @@ Given a trained SANE, its tokenizer and a zoo:
    - ``noise``: prompt ``i mod P`` plus isotropic Gaussian noise on the parameters whose norm equals
      sample ``i``'s distance to its nearest prompt (after alignment): "prompts perturbed as far as
      the samples are";
+   - ``noise_matched_accuracy``: the same with one common noise norm, chosen by bisection so that
+     the mean *validation* accuracy equals the samples' (:func:`calibrate_noise`): "prompts
+     perturbed until they are as good as the samples" — the reference for "farther from the zoo
+     at equal accuracy";
    - ``aligned_average``: the prompts aligned to the best one by weight matching
      (:func:`~sane_hf.alignment.align_to`), then averaged;
    - ``prompts``: the prompts themselves.
@@ -65,6 +69,7 @@ __all__ = [
     "accuracy_score_fn",
     "aligned_average",
     "noise_like",
+    "calibrate_noise",
     "nearest_neighbours",
     "prediction_agreement",
     "resolve_transfer_task",
@@ -76,7 +81,7 @@ __all__ = [
 
 #: Tasks tried, in order, by ``transfer_task="auto"``.
 TRANSFER_CANDIDATES = ("fashion-mnist", "mnist", "digits")
-GROUPS = ("sampled", "random_init", "noise", "aligned_average", "prompts")
+GROUPS = ("sampled", "random_init", "noise", "noise_matched_accuracy", "aligned_average", "prompts")
 
 
 def _parse_bandwidth(value: Any) -> float | str:
@@ -248,16 +253,66 @@ def aligned_average(
     return out
 
 
+def _unit_noise(state_dict: Mapping[str, Tensor], keys: Sequence[str], generator: torch.Generator) -> dict[str, Tensor]:
+    noise = {k: torch.randn(state_dict[k].shape, generator=generator, dtype=torch.float64) for k in keys}
+    total = math.sqrt(sum(float(n.pow(2).sum()) for n in noise.values())) or 1.0
+    return {k: n / total for k, n in noise.items()}
+
+
+def _perturb(state_dict: Mapping[str, Tensor], direction: Mapping[str, Tensor], norm: float) -> dict[str, Tensor]:
+    out = {k: v.clone() for k, v in state_dict.items()}
+    for k, n in direction.items():
+        out[k] = (state_dict[k].double() + n * norm).to(state_dict[k].dtype)
+    return out
+
+
 def noise_like(
     state_dict: Mapping[str, Tensor], keys: Sequence[str], norm: float, generator: torch.Generator
 ) -> dict[str, Tensor]:
     """``state_dict`` plus isotropic Gaussian noise on ``keys`` whose total L2 norm is ``norm``."""
-    noise = {k: torch.randn(state_dict[k].shape, generator=generator, dtype=torch.float64) for k in keys}
-    total = math.sqrt(sum(float(n.pow(2).sum()) for n in noise.values())) or 1.0
-    out = {k: v.clone() for k, v in state_dict.items()}
-    for k, n in noise.items():
-        out[k] = (state_dict[k].double() + n * (norm / total)).to(state_dict[k].dtype)
-    return out
+    return _perturb(state_dict, _unit_noise(state_dict, keys, generator), norm)
+
+
+def calibrate_noise(
+    bases: Sequence[Mapping[str, Tensor]],
+    keys: Sequence[str],
+    accuracy: Callable[[Mapping[str, Tensor]], float],
+    target: float,
+    generator: torch.Generator,
+    *,
+    start: float = 1.0,
+    steps: int = 12,
+) -> tuple[float, list[dict[str, Tensor]]]:
+    """One noise norm ``r`` such that the mean ``accuracy`` of ``base_i + r · u_i`` is ``≈ target``.
+
+    ``u_i`` are fixed random unit directions (from ``generator``), so the mean accuracy is a
+    deterministic function of ``r``; it is found by bisection (``steps`` halvings after bracketing
+    from ``start``). If the bases themselves are no better than ``target``, ``r = 0``.
+    Returns ``(r, perturbed state_dicts)``.
+    """
+    directions = [_unit_noise(b, keys, generator) for b in bases]
+
+    def models(r: float) -> list[dict[str, Tensor]]:
+        return [_perturb(b, d, r) for b, d in zip(bases, directions)]
+
+    def mean_acc(r: float) -> float:
+        return float(np.mean([accuracy(sd) for sd in models(r)]))
+
+    if mean_acc(0.0) <= target:
+        return 0.0, models(0.0)
+    lo, hi = 0.0, max(start, 1e-6)
+    for _ in range(20):  # bracket: grow hi until the noisy models are no better than the target
+        if mean_acc(hi) <= target:
+            break
+        lo, hi = hi, hi * 2
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if mean_acc(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    r = (lo + hi) / 2
+    return r, models(r)
 
 
 def _distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Sequence[str]) -> float:
@@ -460,6 +515,7 @@ def evaluate_sampling(
     """Run the protocol of the module docstring; returns the metrics (also written to ``out_dir``)."""
     from sane_hf.alignment import permutation_spec
     from sane_hf.zoo.dataset import state_dict_from_bytes, zoo_model
+    from sane_hf.zoo.train import evaluate_model
 
     config = config or SamplingEvalConfig()
     start = time.perf_counter()
@@ -485,6 +541,16 @@ def evaluate_sampling(
     P = len(setup.prompt_sds)
     noise_sds = [noise_like(setup.prompt_sds[i % P], keys, prompt_dist[i], gen) for i in range(len(samples))]
     noise_nets = [setup.load(sd) for sd in noise_sds]
+
+    def val_acc(sd: Mapping[str, Tensor]) -> float:
+        return evaluate_model(setup.load(sd), task, "val")[0]
+
+    sample_val = float(np.mean([val_acc(sd) for sd in sample_sds]))
+    matched_norm, matched_sds = calibrate_noise(
+        [setup.prompt_sds[i % P] for i in range(len(samples))], keys, val_acc, sample_val,
+        torch.Generator().manual_seed(config.seed + 1), start=float(np.mean(prompt_dist)),
+    )
+    matched_nets = [setup.load(sd) for sd in matched_sds]
     average_sd = aligned_average(setup.prompt_sds, spec, reference=0)
     average_net = setup.load(average_sd)
     random_nets = [build(seed=config.seed * 100_003 + i, init="kaiming-uniform").eval() for i in range(len(samples))]
@@ -500,8 +566,10 @@ def evaluate_sampling(
     x_test = task.x_test
 
     def novelty(sds: Sequence[Mapping[str, Tensor]], nets: Sequence[nn.Module]) -> dict[str, Any]:
+        norms = _summary([math.sqrt(sum(float(sd[k].double().pow(2).sum()) for k in keys)) for sd in sds])
         if not neighbour_sds:
-            return {"nearest_distance": _summary([]), "agreement": _summary([]), "neighbour_model_ids": []}
+            return {"nearest_distance": _summary([]), "agreement": _summary([]), "neighbour_model_ids": [],
+                    "param_norm": norms}
         dists, idx = nearest_neighbours(sds, neighbour_sds, spec, keys)
         agree = [
             prediction_agreement(net, zoo_model(zoo_config, neighbour_rows[j]), x_test) for net, j in zip(nets, idx)
@@ -511,11 +579,15 @@ def evaluate_sampling(
             "agreement": _summary(agree),
             "neighbour_model_ids": [int(neighbour_rows[j]["model_id"]) for j in idx],
             "neighbour_epochs": [int(neighbour_rows[j]["epoch"]) for j in idx],
+            "param_norm": norms,
         }
 
     novelty_metrics = {
         "sampled": {**novelty(sample_sds, sample_nets), "prompt_distance": _summary(prompt_dist)},
         "noise": {**novelty(noise_sds, noise_nets), "prompt_distance": _summary(prompt_dist)},
+        "noise_matched_accuracy": {
+            **novelty(matched_sds, matched_nets), "noise_norm": matched_norm, "target_val_acc": sample_val,
+        },
         "prompts": novelty(setup.prompt_sds, prompt_nets),
         "num_neighbours": len(neighbour_sds),
     }
@@ -525,7 +597,7 @@ def evaluate_sampling(
     epochs, lr, seed = config.finetune_epochs, config.finetune_lr, config.seed
     groups = {
         "sampled": sample_nets, "random_init": random_nets, "noise": noise_nets,
-        "aligned_average": [average_net], "prompts": prompt_nets,
+        "noise_matched_accuracy": matched_nets, "aligned_average": [average_net], "prompts": prompt_nets,
     }
     accuracy = {name: _curve([copy.deepcopy(m) for m in nets], task, epochs, lr, seed) for name, nets in groups.items()}
     gain = {

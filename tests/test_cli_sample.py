@@ -17,7 +17,7 @@ from sane_hf.modeling_sane import SaneModel
 from sane_hf.zoo.architectures import create_model
 from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo
 
-GROUPS = {"sampled", "random_init", "noise", "aligned_average", "prompts"}
+GROUPS = {"sampled", "random_init", "noise", "noise_matched_accuracy", "aligned_average", "prompts"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_sample_evaluate_writes_metrics_png_and_samples(zoo_and_model, capsys):
     assert all(math.isfinite(v) for v in metrics["gain_over_random_init"].values())
     novelty = metrics["novelty"]
     assert novelty["num_neighbours"] == 4
-    for group in ("sampled", "noise", "prompts"):
+    for group in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
         assert finite(novelty[group]["nearest_distance"]) and finite(novelty[group]["agreement"])
     # the noise baseline sits exactly as far from its prompt as the sample from its nearest prompt
     assert novelty["noise"]["prompt_distance"] == novelty["sampled"]["prompt_distance"]

@@ -119,22 +119,22 @@ def format_report(metrics: dict[str, Any]) -> str:
     if accuracy:
         epochs = sorted({int(e) for curve in accuracy.values() for e in curve})
         lines.append(f"test accuracy of {metrics['arch']} on {metrics['task']} after fine-tuning epochs:")
-        lines.append("  " + "group".ljust(16) + "".join(f"epoch {e}".ljust(18) for e in epochs))
+        lines.append("  " + "group".ljust(24) + "".join(f"epoch {e}".ljust(18) for e in epochs))
         for name, curve in accuracy.items():
-            lines.append("  " + name.ljust(16) + "".join(_fmt(curve.get(str(e))).ljust(18) for e in epochs))
+            lines.append("  " + name.ljust(24) + "".join(_fmt(curve.get(str(e))).ljust(18) for e in epochs))
     novelty = metrics.get("novelty")
     if novelty:
         lines.append(f"nearest training checkpoint (after alignment, {novelty['num_neighbours']} searched):")
-        for name in ("sampled", "noise", "prompts"):
+        for name in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
             if name in novelty:
-                lines.append(f"  {name.ljust(14)} distance {_fmt(novelty[name]['nearest_distance'])}   "
+                lines.append(f"  {name.ljust(22)} distance {_fmt(novelty[name]['nearest_distance'])}   "
                              f"agreement {_fmt(novelty[name]['agreement'])}")
     transfer = metrics.get("transfer")
     if transfer:
         last = str(transfer["epochs"])
         lines.append(f"transfer to {transfer['description']}, after {last} epoch(s):")
         for name, curve in transfer["accuracy"].items():
-            lines.append(f"  {name.ljust(14)} {_fmt(curve.get(last))}")
+            lines.append(f"  {name.ljust(22)} {_fmt(curve.get(last))}")
     return "\n".join(lines)
 
 
