@@ -585,7 +585,10 @@ class _BatchedGroup:
     def _conv(self, h: torch.Tensor, i: int, params: dict, shared_input: bool) -> torch.Tensor:
         w, b = params[f"conv{i + 1}.weight"], params[f"conv{i + 1}.bias"]
         stride, padding, dilation = self.convs[i]
-        h = h.contiguous(memory_format=torch.channels_last)
+        if h.stride(1) != 1 or not h.is_contiguous(memory_format=torch.channels_last):
+            # explicit NHWC strides: with one channel, .contiguous(channels_last) may keep NCHW
+            # strides, and oneDNN then picks NCHW, whose max-pooling is ~20x slower on CPU
+            h = h.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
         groups = 1 if shared_input else self.num_models
         return F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), stride, padding, dilation, groups)
 
