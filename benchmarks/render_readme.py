@@ -27,6 +27,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights"}
 GROUP_NAMES = {"sampled": "SANE samples", "random_init": "random init", "noise": "prompts + noise (matched distance)",
+               "noise_matched_accuracy": "prompts + noise (matched accuracy)",
                "aligned_average": "aligned prompt average", "prompts": "prompts (zoo models)"}
 
 
@@ -147,7 +148,7 @@ def render_results(q: dict[str, Any]) -> str:
             nov = s.get("novelty")
             if nov:
                 rows = []
-                for g in ("sampled", "noise", "prompts"):
+                for g in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
                     if g in nov:
                         rows.append([GROUP_NAMES.get(g, g), _ms(nov[g].get("nearest_distance")),
                                      _ms(nov[g].get("agreement")), _ms(nov[g].get("prompt_distance"))])

@@ -1,0 +1,885 @@
+"""Sampling new models from a trained SANE: KDE in latent space, subsampling, bootstrapping.
+
+The recipe of Schürholt et al. (2024, arXiv 2406.09997, §3.3), step by step:
+
+1. **Anchors.** Each prompt model is tokenized with the model's :class:`WeightTokenizer`
+   (normalised tokens, as in training) and encoded window by window with halo context
+   (:func:`~sane_hf.embedding.embed_models`), giving per-token latents ``(P, N, latent_dim)``.
+2. **KDE.** A Gaussian kernel density estimate is fitted on the anchors
+   (:class:`LatentKDE`, on :class:`sklearn.neighbors.KernelDensity`), in one of two modes:
+
+   - ``"joint"``: one KDE over whole latent sequences (flattened, ``N·latent_dim`` dims). A draw
+     picks *one* anchor model and adds isotropic Gaussian noise to all of its token latents.
+   - ``"token"``: one KDE per token position over the anchors' latents at that position. A draw
+     picks an anchor *independently for every position* and adds noise, so one sample mixes
+     tokens of different prompt models (vectorised: one anchor index per position, one noise
+     draw per sample).
+
+   Sampling a Gaussian KDE is exactly "pick a random anchor, add ``N(0, bandwidth²)`` noise",
+   which is what :meth:`LatentKDE.sample` does, returning the anchor indices as well.
+   ``bandwidth`` is a number (the kernel's standard deviation, in latent units) or a rule on the
+   anchors: ``"scott"`` ``σ·n^(-1/(d+4))``, ``"silverman"`` ``σ·(n(d+2)/4)^(-1/(d+4))``, with
+   ``n`` anchors, ``d`` the KDE's dimension (``N·latent_dim`` for joint, ``latent_dim`` for
+   token) and ``σ`` the anchors' pooled per-dimension standard deviation (scipy's
+   ``gaussian_kde`` convention; sklearn's own ``"scott"``/``"silverman"`` omit ``σ`` and assume
+   standardised data). In ``N·latent_dim`` dimensions both rules give ``≈ σ``: noise as large as
+   the spread of the prompts. Use a number (or ``bandwidth_scale``) to sample closer to them.
+3. **Decoding.** Sampled latents are decoded window by window with the same halo plan as
+   encoding (:func:`decode_latents`, equal to :func:`~sane_hf.embedding.decode_haloed` per
+   sample), de-normalised by the tokenizer and turned into state_dicts that load with
+   ``load_state_dict(strict=True)`` into the prompts' architecture.
+4. **Subsampling.** With ``score_fn(state_dict) -> float`` (higher is better, e.g. accuracy on a
+   few training batches), ``candidates`` samples are drawn and the best are kept.
+5. **Bootstrapping.** ``bootstrap_rounds`` more rounds refit the KDE on the ``keep_top`` best
+   latents found so far and draw ``candidates`` again; the best ``num_samples`` of *all* rounds
+   are returned, so the result is never worse than round 0.
+
+Randomness: one ``numpy.random.Generator`` seeded by ``seed`` draws, in order, the anchor indices
+of each round and one 63-bit seed per round; candidate ``i`` of round ``r`` draws its noise from
+``SeedSequence([round_seed, i])``. A sample therefore does not depend on chunking or
+``batch_size``, and no token position reuses another's random state (the reference code fixed
+``random_state`` per token, silently turning every sample into one anchor plus noise).
+
+Helpers for using samples: :func:`condition_batchnorm` re-estimates BatchNorm running statistics
+on data, :func:`reset_head` re-initialises or resizes a classification head for a new task, and
+``target_tokenizer=`` samples for another architecture of the same family
+(:func:`map_token_positions`, a heuristic — see there).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from sane_hf import SaneConfig, SaneModel, WeightTokenizer
+    >>> from sane_hf.sampling import sample_models
+    >>> nets = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(3)]
+    >>> tok = WeightTokenizer.from_reference(nets[0], token_size=8).fit(nets)
+    >>> sane = SaneModel(SaneConfig(token_size=8, d_model=32, latent_dim=4, num_encoder_layers=1,
+    ...                             num_decoder_layers=1, window_size=16, halo_size=2)).eval()
+    >>> out = sample_models(sane, tok, nets, num_samples=2, seed=0)
+    >>> len(out), nets[0].load_state_dict(out[0].state_dict, strict=True)
+    (2, <All keys matched successfully>)
+
+This module travels to the Hub as remote code with ``pipeline_sane.py``: it imports only
+torch, numpy, scikit-learn, safetensors and (relatively) ``embedding`` and ``tokenization_sane``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .embedding import embed_models, resolve_window, window_plan
+from .tokenization_sane import WeightTokenizer, WeightTokens
+
+__all__ = [
+    "SAMPLING_MODES",
+    "BANDWIDTH_RULES",
+    "SampledModel",
+    "LatentKDE",
+    "select_bandwidth",
+    "as_state_dicts",
+    "encode_prompts",
+    "decode_latents",
+    "map_token_positions",
+    "sample_models",
+    "condition_batchnorm",
+    "reset_head",
+]
+
+SAMPLING_MODES = ("joint", "token")
+BANDWIDTH_RULES = ("scott", "silverman")
+_CHUNK = 16  # candidates decoded and scored at a time (memory: chunk · N · (latent_dim + token_size) floats)
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampledModel:
+    """One sampled model.
+
+    Attributes:
+        state_dict: the weights, keys/shapes/dtypes of the (target) tokenizer's reference
+            architecture; loads with ``load_state_dict(strict=True)``.
+        score: ``score_fn(state_dict)``; None without a ``score_fn``.
+        anchor_index: index (into the prompts) of the prompt model this sample descends from —
+            the anchor it was drawn around (``"joint"``), or the prompt that supplied most of its
+            token positions (``"token"``); through bootstrap rounds, the prompt at the root.
+        round: the bootstrap round that drew it (0 = from the prompts).
+        candidate: its index among the candidates of that round.
+        anchor_share: fraction of token positions drawn around ``anchor_index`` (1.0 in joint mode).
+        bandwidth: the kernel standard deviation of the round that drew it.
+        latents: its sampled latents ``(N, latent_dim)`` in the prompts' token layout (only with
+            ``return_latents=True``).
+    """
+
+    state_dict: OrderedDict[str, Tensor] = field(repr=False)
+    score: float | None = None
+    anchor_index: int = 0
+    round: int = 0
+    candidate: int = 0
+    anchor_share: float = 1.0
+    bandwidth: float | None = None
+    latents: Tensor | None = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# KDE
+# ----------------------------------------------------------------------------------------------
+
+
+def select_bandwidth(points: np.ndarray, bandwidth: float | str = "scott", *, dim: int | None = None) -> float:
+    """The Gaussian kernel's standard deviation for a KDE on ``points`` ``(n, ...)``.
+
+    A number is returned as it is (it must be finite and > 0). A rule (``"scott"``,
+    ``"silverman"``) is ``factor(n, d) · σ`` with ``σ`` the root mean per-dimension variance of the
+    points over their first axis (``ddof=1``) and ``d = dim`` (default: the points' flattened size).
+    """
+    if isinstance(bandwidth, (int, float, np.integer, np.floating)) and not isinstance(bandwidth, bool):
+        value = float(bandwidth)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"bandwidth must be a finite number > 0 or one of {BANDWIDTH_RULES}, got {bandwidth!r}")
+        return value
+    if bandwidth not in BANDWIDTH_RULES:
+        raise ValueError(f"bandwidth must be a finite number > 0 or one of {BANDWIDTH_RULES}, got {bandwidth!r}")
+    n = points.shape[0]
+    if n < 2:
+        raise ValueError(
+            f"the {bandwidth!r} bandwidth rule needs at least 2 anchors to measure their spread, got {n}; "
+            "pass a number (the kernel's standard deviation in latent units) instead"
+        )
+    flat = points.reshape(n, -1).astype(np.float64)
+    sigma = float(np.sqrt(flat.var(axis=0, ddof=1).mean()))
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(
+            f"the anchors are identical (spread {sigma}): the {bandwidth!r} rule gives no bandwidth; pass a number"
+        )
+    d = int(dim) if dim is not None else flat.shape[1]
+    if bandwidth == "scott":
+        factor = n ** (-1.0 / (d + 4))
+    else:  # silverman
+        factor = (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
+    return factor * sigma
+
+
+class LatentKDE:
+    """Gaussian KDE over anchor latent sequences ``(P, N, D)`` in ``"joint"`` or ``"token"`` mode.
+
+    ``kde`` is the fitted :class:`sklearn.neighbors.KernelDensity` (joint mode; token mode fits
+    one per position on demand in :meth:`score_samples`). Sampling is done here, vectorised, with
+    the Gaussian-KDE algorithm sklearn uses (random anchor + ``N(0, bandwidth²)`` noise) so that
+    the anchor of every draw is known.
+
+    Args:
+        anchors: ``(P, N, D)`` latents (P anchor models, N token positions, D latent dims).
+        mode: ``"joint"`` (whole sequences) or ``"token"`` (each position independently).
+        bandwidth: kernel standard deviation or a rule (:func:`select_bandwidth`; ``d`` is
+            ``N·D`` in joint mode and ``D`` in token mode).
+        bandwidth_scale: multiplies the bandwidth (e.g. 0.1 for samples ten times closer to the
+            anchors than the rule says).
+        weights: optional ``(P,)`` non-negative anchor weights (probability of picking each).
+    """
+
+    def __init__(
+        self,
+        anchors: np.ndarray | Tensor,
+        mode: str = "joint",
+        bandwidth: float | str = "scott",
+        *,
+        bandwidth_scale: float = 1.0,
+        weights: np.ndarray | None = None,
+    ):
+        from sklearn.neighbors import KernelDensity
+
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
+        if isinstance(anchors, Tensor):
+            anchors = anchors.detach().to("cpu", torch.float64).numpy()
+        anchors = np.asarray(anchors, dtype=np.float64)
+        if anchors.ndim != 3 or min(anchors.shape) < 1:
+            raise ValueError(f"anchors must be a non-empty (P, N, D) array, got shape {anchors.shape}")
+        if not np.isfinite(anchors).all():
+            raise ValueError("anchors contain NaN or Inf")
+        if not (math.isfinite(bandwidth_scale) and bandwidth_scale > 0):
+            raise ValueError(f"bandwidth_scale must be a finite number > 0, got {bandwidth_scale!r}")
+        self.anchors = anchors
+        self.mode = mode
+        p, n, d = anchors.shape
+        dim = n * d if mode == "joint" else d
+        self.bandwidth = select_bandwidth(anchors, bandwidth, dim=dim) * float(bandwidth_scale)
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (p,) or (weights < 0).any() or not weights.sum() > 0:
+                raise ValueError(f"weights must be ({p},) non-negative with a positive sum")
+            weights = weights / weights.sum()
+        self.weights = weights
+        self.kde = None
+        if mode == "joint":
+            self.kde = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(
+                anchors.reshape(p, -1), sample_weight=weights
+            )
+        self._token_kdes: list[Any] | None = None
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchors.shape[0]
+
+    def sample_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Anchor indices: ``(n,)`` in joint mode, ``(n, N)`` in token mode (one per position)."""
+        size = (n,) if self.mode == "joint" else (n, self.anchors.shape[1])
+        if self.weights is None:
+            return rng.integers(0, self.num_anchors, size=size)
+        return rng.choice(self.num_anchors, size=size, p=self.weights)
+
+    def latents_for(self, indices: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Latents ``(n, N, D)`` = anchors picked by ``indices`` + ``bandwidth · noise`` (standard normal)."""
+        if self.mode == "joint":
+            base = self.anchors[indices]  # (n,) -> (n, N, D)
+        else:
+            base = self.anchors[indices, np.arange(self.anchors.shape[1])[None, :]]  # (n, N) -> (n, N, D)
+        return base + self.bandwidth * noise
+
+    def sample(self, n: int, rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n`` latent sequences; returns ``(latents (n, N, D), anchor indices)``."""
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        indices = self.sample_indices(n, rng)
+        noise = rng.standard_normal((n, *self.anchors.shape[1:]))
+        return self.latents_for(indices, noise), indices
+
+    def score_samples(self, latents: np.ndarray) -> np.ndarray:
+        """Log density of ``latents`` ``(n, N, D)`` under the KDE (token mode: sum over positions)."""
+        from sklearn.neighbors import KernelDensity
+
+        latents = np.asarray(latents, dtype=np.float64)
+        n = latents.shape[0]
+        if self.mode == "joint":
+            return self.kde.score_samples(latents.reshape(n, -1))
+        if self._token_kdes is None:
+            self._token_kdes = [
+                KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(
+                    self.anchors[:, t], sample_weight=self.weights
+                )
+                for t in range(self.anchors.shape[1])
+            ]
+        return sum(kde.score_samples(latents[:, t]) for t, kde in enumerate(self._token_kdes))
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts in, tokens out
+# ----------------------------------------------------------------------------------------------
+
+
+def _state_dict_from_blob(blob: bytes) -> dict[str, Tensor]:
+    from safetensors.torch import load
+
+    return load(bytes(blob))
+
+
+def _datasets_types() -> tuple[type, type] | None:
+    """``(Dataset, DatasetDict)`` when ``datasets`` is imported (an instance implies it is)."""
+    import sys
+
+    module = sys.modules.get("datasets")
+    return None if module is None else (module.Dataset, module.DatasetDict)
+
+
+def as_state_dicts(prompts: Any) -> list[Mapping[str, Tensor]]:
+    """Normalise every accepted prompt form to a list of state_dicts.
+
+    Accepted: a state_dict, an ``nn.Module``, a zoo row (a mapping with a ``weights`` blob), a
+    list/tuple/iterable of these, or a zoo split (``datasets.Dataset`` with a ``weights`` column).
+    """
+    types = _datasets_types()
+    if types is not None and isinstance(prompts, types[1]):
+        raise TypeError(f"prompts is a DatasetDict with splits {list(prompts)}; pass one split (e.g. zoo['test'])")
+    if types is not None and isinstance(prompts, types[0]):
+        if "weights" not in prompts.column_names:
+            raise ValueError(
+                f"the dataset has no 'weights' column (columns: {prompts.column_names}); pass a raw zoo split"
+            )
+        weights = prompts.select_columns(["weights"]).with_format(None)
+        return [_state_dict_from_blob(b) for b in weights["weights"]]
+
+    def one(obj: Any, index: int) -> Mapping[str, Tensor]:
+        if isinstance(obj, nn.Module):
+            return obj.state_dict()
+        if isinstance(obj, Mapping):
+            if isinstance(obj.get("weights"), (bytes, bytearray, memoryview)):  # a zoo row
+                return _state_dict_from_blob(obj["weights"])
+            return obj
+        raise TypeError(
+            f"prompts[{index}] is a {type(obj).__name__}; expected a state_dict, an nn.Module or a zoo row"
+        )
+
+    if isinstance(prompts, (Mapping, nn.Module)):
+        return [one(prompts, 0)]
+    if isinstance(prompts, (str, bytes, Tensor)) or not isinstance(prompts, Iterable):
+        raise TypeError(
+            f"cannot use a {type(prompts).__name__} as prompts: pass a state_dict, an nn.Module, a list of them "
+            "or a zoo split (datasets.Dataset)"
+        )
+    return [one(obj, i) for i, obj in enumerate(prompts)]
+
+
+def _check_tokenizer(model: Any, tokenizer: WeightTokenizer, what: str = "tokenizer") -> None:
+    token_size = int(model.config.token_size)
+    if tokenizer.token_size != token_size:
+        raise ValueError(
+            f"the {what} makes tokens of size {tokenizer.token_size} but the SANE model expects token_size="
+            f"{token_size}; use the tokenizer saved with the model (WeightTokenizer.from_pretrained(model_dir))"
+        )
+
+
+def encode_prompts(
+    model: Any,
+    tokenizer: WeightTokenizer,
+    prompts: Any,
+    *,
+    window: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 32,
+) -> Tensor:
+    """Per-token latents of the prompt models, ``(P, N, latent_dim)`` float32 on CPU.
+
+    Normalised tokens, haloed windows (:func:`~sane_hf.embedding.embed_models`).
+    """
+    _check_tokenizer(model, tokenizer)
+    if tokenizer.stats is None:
+        raise ValueError(
+            "sampling needs a fitted tokenizer (SANE sees normalised tokens): load the tokenizer saved with the "
+            "model (WeightTokenizer.from_pretrained(model_dir)) or call tokenizer.fit(zoo state_dicts)"
+        )
+    sds = as_state_dicts(prompts)
+    if not sds:
+        raise ValueError("no prompt models given: pass at least one state_dict or nn.Module")
+    try:
+        out = embed_models(
+            model, tokenizer, sds, window=window, halo=halo, batch_size=batch_size, normalize=True,
+            return_token_latents=True,
+        )
+    except (ValueError, TypeError) as err:
+        message = str(err).replace("inputs[", "prompts[")
+        raise type(err)(f"prompt models do not fit the model's tokenizer: {message}") from err
+    return out.token_latents
+
+
+@torch.no_grad()
+def decode_latents(
+    model: Any,
+    latents: Tensor,
+    positions: Tensor,
+    *,
+    window: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 32,
+) -> Tensor:
+    """Decode latents ``(S, N, latent_dim)`` to tokens ``(S, N, token_size)`` with haloed windows.
+
+    The windows of all ``S`` sequences are batched ``batch_size`` at a time; per sequence the
+    result equals :func:`~sane_hf.embedding.decode_haloed` (same window plan, float round-off).
+    Runs the model in eval mode (its training flag is restored). Returns float32 on CPU.
+    """
+    window, halo = resolve_window(model.config, window, halo)
+    if latents.dim() != 3 or positions.dim() != 2 or positions.shape[0] != latents.shape[1]:
+        raise ValueError(
+            f"decode_latents expects latents (S, N, D) and positions (N, 3), got {tuple(latents.shape)} "
+            f"and {tuple(positions.shape)}"
+        )
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    num, length = latents.shape[:2]
+    plan = window_plan(length, window, halo)
+    work = [(s, w) for w in plan for s in range(num)]
+    out = torch.empty(num, length, int(model.config.token_size), dtype=torch.float32)
+    positions = positions.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(work), batch_size):
+            chunk = work[start : start + batch_size]
+            z = torch.stack([latents[s, cs:ce] for s, (cs, ce, _, _) in chunk])  # (B, L, latent_dim)
+            pos = torch.stack([positions[cs:ce] for _, (cs, ce, _, _) in chunk])  # (B, L, 3)
+            rec = model.decode(z.to(device=device, dtype=dtype), pos).reconstruction.float().cpu()  # (B, L, d)
+            for i, (s, (cs, _, a, b)) in enumerate(chunk):
+                out[s, a:b] = rec[i, a - cs : b - cs]
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# new architectures
+# ----------------------------------------------------------------------------------------------
+
+
+def _relative_match(i: int, n_target: int, n_source: int) -> int:
+    """Index in ``range(n_source)`` at the same relative position as ``i`` in ``range(n_target)``."""
+    if n_target <= 1 or n_source <= 1:
+        return n_source - 1 if n_target > 1 and i == n_target - 1 else 0
+    return int(round(i * (n_source - 1) / (n_target - 1)))
+
+
+def map_token_positions(source: WeightTokenizer, target: WeightTokenizer) -> tuple[Tensor, Tensor]:
+    """For each token of ``target``, the ``source`` token whose latent it takes (a heuristic).
+
+    Layers are matched **by kind and relative depth**: the ``i``-th of the target's layers of a
+    kind (``weight``, ``norm``, ``norm_stats``, ``vector``) takes the source layer of that kind at
+    the same relative position (first ↔ first, last ↔ last; a kind missing in the source falls
+    back to all source layers). Within a layer, row ``k`` of ``R_t`` rows takes source row
+    ``⌊(k + ½)·R_s/R_t⌋`` and a row's ``j``-th token the source token at the same relative
+    position in its row.
+
+    Limits (honestly): this transfers *where* in the network a latent sits, nothing more. Wider
+    layers repeat source rows (their decoded values still differ through the position code),
+    narrower ones skip rows, and a row's values are laid out by column index, so the bias column
+    and the input fan-in of a resized layer do not line up with the source's. Layers with no
+    counterpart of their kind get the nearest layer of any kind. Sampled models for a new
+    architecture are initialisations to fine-tune, not finished models.
+
+    Returns:
+        ``(source_token (N_t,), source_layer (N_t,))`` int64 index tensors.
+    """
+    by_kind_s: dict[str, list[int]] = {}
+    for j, layer in enumerate(source.layers):
+        by_kind_s.setdefault(layer.kind, []).append(j)
+    by_kind_t: dict[str, list[int]] = {}
+    for i, layer in enumerate(target.layers):
+        by_kind_t.setdefault(layer.kind, []).append(i)
+    all_source = list(range(source.num_layers))
+
+    token_index = torch.empty(target.num_tokens, dtype=torch.long)
+    layer_index = torch.empty(target.num_tokens, dtype=torch.long)
+    for kind, target_ids in by_kind_t.items():
+        source_ids = by_kind_s.get(kind, all_source)
+        for rank, i in enumerate(target_ids):
+            j = source_ids[_relative_match(rank, len(target_ids), len(source_ids))]
+            lt, ls = target.layers[i], source.layers[j]
+            rows = ((torch.arange(lt.num_rows, dtype=torch.float64) + 0.5) * ls.num_rows / lt.num_rows).long()
+            rows = rows.clamp_(max=ls.num_rows - 1)  # (R_t,)
+            cols = ((torch.arange(lt.tokens_per_row, dtype=torch.float64) + 0.5) * ls.tokens_per_row / lt.tokens_per_row)
+            cols = cols.long().clamp_(max=ls.tokens_per_row - 1)  # (T_t,)
+            src = ls.token_start + rows[:, None] * ls.tokens_per_row + cols[None, :]  # (R_t, T_t)
+            token_index[lt.token_start : lt.token_end] = src.reshape(-1)
+            layer_index[lt.token_start : lt.token_end] = j
+    return token_index, layer_index
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+
+
+class _Decoder:
+    """Latents in the prompts' layout ``(S, N_s, D)`` → state_dicts of the (target) architecture."""
+
+    def __init__(self, model: Any, tokenizer: WeightTokenizer, target: WeightTokenizer | None, window, halo, batch_size):
+        self.model, self.window, self.halo, self.batch_size = model, window, halo, batch_size
+        self.source = tokenizer
+        self.target = target if target is not None else tokenizer
+        plan = self.target._get_plan()
+        self.positions = plan.positions.clone()  # (N_t, 3)
+        self.mask = plan.mask.clone()  # (N_t, d)
+        self.gather: Tensor | None = None
+        self.denorm: tuple[Tensor, Tensor] | None = None
+        if target is not None:
+            self.gather, layers = map_token_positions(tokenizer, target)
+            mean, std = tokenizer.stats.mean, tokenizer.stats.std
+            self.denorm = (
+                torch.tensor(mean, dtype=torch.float32)[layers],  # (N_t,)
+                torch.tensor(std, dtype=torch.float32)[layers],
+            )
+
+    def __call__(self, latents: Tensor) -> list[OrderedDict[str, Tensor]]:
+        if self.gather is not None:
+            latents = latents[:, self.gather]  # (S, N_s, D) -> (S, N_t, D)
+        tokens = decode_latents(
+            self.model, latents, self.positions, window=self.window, halo=self.halo, batch_size=self.batch_size
+        )  # (S, N_t, d)
+        num = tokens.shape[0]
+        mask = self.mask.expand(num, *self.mask.shape)
+        positions = self.positions.expand(num, *self.positions.shape)
+        if self.denorm is None:  # the prompts' own architecture: the tokenizer undoes its normalisation
+            return self.target.decode_batch(WeightTokens(tokens, positions, mask, normalized=True))
+        mean, std = self.denorm
+        raw = tokens * std[:, None] + mean[:, None]  # (S, N_t, d), source-layer statistics
+        return self.target.decode_batch(WeightTokens(raw, positions, mask, normalized=False))
+
+
+@dataclass
+class _Candidate:
+    score: float | None
+    round: int
+    candidate: int
+    order: int  # global draw order (ties keep it)
+    root: np.ndarray  # prompt index per position (N,), for anchor bookkeeping
+    bandwidth: float
+    latents: Tensor  # (N, D) float32
+    state_dict: OrderedDict[str, Tensor]
+
+    def key(self) -> tuple[float, int]:
+        s = self.score if self.score is not None and math.isfinite(self.score) else -math.inf
+        return (-s, self.order)
+
+
+def _fit_kde(anchors: np.ndarray, mode: str, bandwidth, scale: float, previous: LatentKDE | None) -> LatentKDE:
+    """The KDE of one round; a rule that cannot be applied to bootstrap anchors (fewer than 2, or
+    identical) keeps the previous round's bandwidth."""
+    if previous is None or not isinstance(bandwidth, str):
+        return LatentKDE(anchors, mode, bandwidth, bandwidth_scale=scale)
+    try:
+        return LatentKDE(anchors, mode, bandwidth, bandwidth_scale=scale)
+    except ValueError:
+        return LatentKDE(anchors, mode, previous.bandwidth)
+
+
+def _call_score_fn(score_fn: Callable, sd: Mapping[str, Tensor], round_: int, index: int) -> float:
+    try:
+        value = score_fn(sd)
+    except Exception as err:
+        raise RuntimeError(
+            f"score_fn raised {type(err).__name__} while scoring candidate {index} of round {round_}: {err}"
+        ) from err
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"score_fn must return a number (higher = better), got {type(value).__name__} for candidate {index} "
+            f"of round {round_}"
+        ) from err
+    return value
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def sample_models(
+    model: Any,
+    tokenizer: WeightTokenizer,
+    prompts: Any,
+    num_samples: int = 1,
+    *,
+    mode: str = "joint",
+    bandwidth: float | str = "scott",
+    bandwidth_scale: float = 1.0,
+    score_fn: Callable[[Mapping[str, Tensor]], float] | None = None,
+    bootstrap_rounds: int = 0,
+    keep_top: int | None = None,
+    candidates: int | None = None,
+    seed: int = 0,
+    target_tokenizer: WeightTokenizer | None = None,
+    window: int | None = None,
+    halo: int | None = None,
+    batch_size: int = 32,
+    return_latents: bool = False,
+    progress: bool = False,
+) -> list[SampledModel]:
+    """Sample new models around prompt models in SANE's latent space (module docstring: the recipe).
+
+    Args:
+        model: a trained :class:`~sane_hf.modeling_sane.SaneModel` (``encode``/``decode``/``config``).
+        tokenizer: its fitted :class:`WeightTokenizer` (the prompts' architecture).
+        prompts: state_dicts, ``nn.Module``\\ s, zoo rows, a list of them or a zoo split (one prompt set).
+        num_samples: models to return (best first when scored).
+        mode: ``"joint"`` (one anchor per sample) or ``"token"`` (one anchor per token position).
+        bandwidth: kernel standard deviation in latent units, or ``"scott"``/``"silverman"``
+            (:func:`select_bandwidth`); recomputed on the new anchors each bootstrap round when a rule.
+        bandwidth_scale: multiplies the bandwidth.
+        score_fn: ``score_fn(state_dict) -> float``, higher is better (e.g. accuracy on a few
+            training batches). Needed for ``candidates > num_samples`` and for bootstrapping.
+        bootstrap_rounds: extra rounds, each refitting the KDE on the ``keep_top`` best latents so far.
+        keep_top: anchors kept for the next round (default ``num_samples``).
+        candidates: samples drawn per round (default ``num_samples``; with a ``score_fn``, ``4·num_samples``).
+        seed: seeds everything (see the module docstring); same seed → same samples.
+        target_tokenizer: sample for another architecture (its tokenizer, same token size): latents
+            are mapped with :func:`map_token_positions` and decoded at the target's positions,
+            de-normalised with the matched source layers' statistics. A heuristic.
+        window, halo, batch_size: haloed window plan and windows per forward pass (default: the
+            model config's; ``batch_size`` changes speed, not results).
+        return_latents: keep each sample's latents in :attr:`SampledModel.latents`.
+        progress: progress bar over candidates.
+
+    Returns:
+        ``num_samples`` :class:`SampledModel`, best score first (draw order without ``score_fn``).
+
+    Raises:
+        ValueError: bad counts or options, prompts that do not match ``tokenizer``, an unfitted
+            tokenizer, a tokenizer whose token size differs from the model's.
+        RuntimeError: ``score_fn`` raised (the message names ``score_fn`` and the candidate).
+    """
+    num_samples = _check_int("num_samples", num_samples, 1)
+    bootstrap_rounds = _check_int("bootstrap_rounds", bootstrap_rounds, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
+    if score_fn is not None and not callable(score_fn):
+        raise TypeError(f"score_fn must be callable (state_dict -> float), got {type(score_fn).__name__}")
+    if score_fn is None:
+        if bootstrap_rounds > 0:
+            raise ValueError("bootstrap_rounds > 0 needs a score_fn to rank the samples of each round")
+        if candidates is not None and candidates != num_samples:
+            raise ValueError(
+                f"candidates={candidates} differs from num_samples={num_samples}, but without a score_fn there is "
+                "nothing to choose the best by; pass score_fn or drop candidates"
+            )
+    candidates = _check_int("candidates", candidates, 1) if candidates is not None else (
+        num_samples if score_fn is None else 4 * num_samples
+    )
+    if candidates * (bootstrap_rounds + 1) < num_samples:
+        raise ValueError(
+            f"{candidates} candidates x {bootstrap_rounds + 1} rounds cannot give num_samples={num_samples}"
+        )
+    keep_top = _check_int("keep_top", keep_top, 1) if keep_top is not None else num_samples
+    if not (isinstance(bandwidth, str) and bandwidth in BANDWIDTH_RULES):
+        select_bandwidth(np.zeros((2, 1)), bandwidth)  # raises on anything but a finite number > 0
+    if target_tokenizer is not None:
+        if not isinstance(target_tokenizer, WeightTokenizer) and not hasattr(target_tokenizer, "decode_batch"):
+            raise TypeError(f"target_tokenizer must be a WeightTokenizer, got {type(target_tokenizer).__name__}")
+        _check_tokenizer(model, target_tokenizer, "target_tokenizer")
+
+    anchors = encode_prompts(model, tokenizer, prompts, window=window, halo=halo, batch_size=batch_size)  # (P, N, D)
+    num_prompts, num_tokens, _ = anchors.shape
+    decoder = _Decoder(model, tokenizer, target_tokenizer, window, halo, batch_size)
+    rng = np.random.default_rng(seed)
+
+    from tqdm.auto import tqdm
+
+    keep = max(num_samples, keep_top) if score_fn is not None else num_samples
+    pool: list[_Candidate] = []
+    anchor_latents = anchors.numpy().astype(np.float64)
+    anchor_roots = np.repeat(np.arange(num_prompts)[:, None], num_tokens, axis=1)  # (P, N) prompt per position
+    order = 0
+    kde: LatentKDE | None = None
+    with tqdm(total=candidates * (bootstrap_rounds + 1), desc="sampling", unit="model", disable=not progress) as bar:
+        for round_ in range(bootstrap_rounds + 1):
+            if round_ > 0:
+                best = sorted(pool, key=_Candidate.key)[:keep_top]
+                anchor_latents = np.stack([c.latents.numpy() for c in best]).astype(np.float64)
+                anchor_roots = np.stack([np.broadcast_to(c.root, (num_tokens,)) for c in best])
+            kde = _fit_kde(anchor_latents, mode, bandwidth, bandwidth_scale, kde if round_ > 0 else None)
+            indices = kde.sample_indices(candidates, rng)  # (C,) or (C, N)
+            round_seed = int(rng.integers(0, 2**63 - 1))
+            for start in range(0, candidates, _CHUNK):
+                ids = range(start, min(start + _CHUNK, candidates))
+                noise = np.stack([
+                    np.random.default_rng(np.random.SeedSequence([round_seed, i])).standard_normal(
+                        anchor_latents.shape[1:]
+                    )
+                    for i in ids
+                ])  # (c, N, D)
+                z = torch.from_numpy(kde.latents_for(indices[start : start + len(ids)], noise).astype(np.float32))
+                sds = decoder(z)
+                for offset, (i, sd) in enumerate(zip(ids, sds)):
+                    score = _call_score_fn(score_fn, sd, round_, i) if score_fn is not None else None
+                    idx = indices[i]
+                    if mode == "joint":
+                        root = anchor_roots[idx]  # (N,)
+                    else:
+                        root = anchor_roots[idx, np.arange(num_tokens)]  # (N,)
+                    pool.append(
+                        _Candidate(score, round_, i, order, np.asarray(root), kde.bandwidth, z[offset].clone(), sd)
+                    )
+                    order += 1
+                if score_fn is not None and len(pool) > keep:
+                    pool = sorted(pool, key=_Candidate.key)[:keep]
+                bar.update(len(ids))
+
+    chosen = sorted(pool, key=_Candidate.key)[:num_samples] if score_fn is not None else pool[:num_samples]
+    out = []
+    for c in chosen:
+        (root, count), = Counter(c.root.tolist()).most_common(1)
+        out.append(
+            SampledModel(
+                state_dict=c.state_dict, score=c.score, anchor_index=int(root), round=c.round, candidate=c.candidate,
+                anchor_share=count / len(c.root), bandwidth=c.bandwidth, latents=c.latents if return_latents else None,
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# using samples: batch-norm conditioning, new heads
+# ----------------------------------------------------------------------------------------------
+
+
+def _batches(data: Any, batch_size: int) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        for start in range(0, len(data), batch_size):
+            yield data[start : start + batch_size]
+        return
+    for batch in data:
+        if isinstance(batch, Mapping):
+            for name in ("x", "input", "inputs", "pixel_values", "image"):
+                if name in batch:
+                    batch = batch[name]
+                    break
+            else:
+                raise TypeError(f"a dict batch needs an 'x'/'inputs'/'pixel_values' entry, got keys {sorted(batch)}")
+        elif isinstance(batch, (tuple, list)):
+            batch = batch[0]  # (inputs, labels)
+        if not isinstance(batch, Tensor):
+            raise TypeError(f"batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
+        yield batch
+
+
+@torch.no_grad()
+def condition_batchnorm(
+    module: nn.Module, data: Any, steps: int | None = None, *, batch_size: int = 128
+) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm layer of ``module`` on ``data``.
+
+    Decoded models carry running statistics that were themselves sampled (or, with a tokenizer
+    built with ``include_norm_stats=False``, fresh ones); they rarely match the model's actual
+    activations. This resets every ``_BatchNorm`` with ``track_running_stats`` (stats and
+    ``num_batches_tracked``), switches it to a cumulative average (``momentum=None``) in train
+    mode, runs forward passes without gradients, then restores each layer's momentum and every
+    submodule's training flag. Only the BatchNorm layers are in train mode during the passes
+    (dropout stays off), and no parameter changes.
+
+    Args:
+        module: the network (modified in place and returned).
+        data: an input tensor ``(n, ...)`` split into batches of ``batch_size``, or an iterable
+            of batches (tensors, ``(inputs, labels)`` pairs, or dicts with an ``"x"``/``"inputs"``
+            entry), e.g. a ``DataLoader``.
+        steps: at most this many batches (None = all of ``data``).
+        batch_size: batch size when ``data`` is a tensor.
+    """
+    if steps is not None:
+        steps = _check_int("steps", steps, 1)
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return module
+    flags = {m: m.training for m in module.modules()}
+    momenta = {m: m.momentum for m in norms}
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    seen = 0
+    try:
+        module.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for batch in _batches(data, batch_size):
+            if steps is not None and seen >= steps:
+                break
+            module(batch.to(device))
+            seen += 1
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, flag in flags.items():
+            m.training = flag
+    if seen == 0:
+        raise ValueError("condition_batchnorm: data yielded no batches; BatchNorm statistics were reset")
+    return module
+
+
+def _find_head(sd: Mapping[str, Tensor], head_key: str | None) -> tuple[str, str | None]:
+    """``(weight key, bias key or None)`` of the classification head in a state_dict."""
+    if head_key is not None:
+        key = head_key if head_key in sd else f"{head_key}.weight"
+        if key not in sd:
+            raise KeyError(f"head_key {head_key!r} is neither a key nor a module prefix of the state_dict")
+    else:
+        matrices = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() == 2]
+        if not matrices:
+            raise ValueError("the state_dict has no 2-D weight to reset; pass head_key")
+        key = matrices[-1]  # the last linear layer in registration (= forward) order
+    weight = sd[key]
+    if not (isinstance(weight, Tensor) and weight.is_floating_point() and weight.dim() == 2):
+        raise ValueError(f"the head {key!r} must be a 2-D float weight (a Linear layer), got shape {tuple(weight.shape)}")
+    prefix, _, suffix = key.rpartition(".")
+    bias_suffix = suffix.replace("weight", "bias") if "weight" in suffix else None
+    bias_key = f"{prefix}.{bias_suffix}" if prefix and bias_suffix else bias_suffix
+    if bias_key is not None:
+        bias = sd.get(bias_key)
+        if not (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
+            bias_key = None
+    return key, bias_key
+
+
+def _init_linear(out_features: int, in_features: int, bias: bool, seed: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``nn.Linear``'s default initialisation (uniform ±1/√fan_in for weight and bias), seeded."""
+    generator = torch.Generator().manual_seed(int(seed))
+    bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+    weight = (torch.rand(out_features, in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    b = (torch.rand(out_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound if bias else None
+    weight = weight.to(dtype=like.dtype, device=like.device)
+    return weight, (b.to(dtype=like.dtype, device=like.device) if b is not None else None)
+
+
+def reset_head(
+    state_dict_or_module: Mapping[str, Tensor] | nn.Module,
+    num_classes: int | None = None,
+    head_key: str | None = None,
+    seed: int = 0,
+) -> Any:
+    """Re-initialise (and optionally resize) the classification head, e.g. for a new task.
+
+    The head is the last linear layer: the last ``nn.Linear`` of a module (in registration
+    order), or the last 2-D float tensor of a state_dict (with its bias partner, the same key with
+    ``weight`` → ``bias``, when present). ``head_key`` names it explicitly (``"fc2"`` or
+    ``"fc2.weight"``). The new weights follow ``nn.Linear``'s default initialisation (uniform
+    ``±1/√fan_in``) drawn from ``torch.Generator().manual_seed(seed)``; torch's global RNG is untouched.
+
+    Args:
+        state_dict_or_module: a state_dict (a new ``OrderedDict`` is returned, the input is not
+            modified) or an ``nn.Module`` (its head is replaced in place; the module is returned).
+        num_classes: new number of outputs (None = keep the current one).
+        head_key: the head's module name or weight key (default: found as above).
+        seed: seed of the new weights.
+    """
+    if num_classes is not None:
+        num_classes = _check_int("num_classes", num_classes, 1)
+    if isinstance(state_dict_or_module, nn.Module):
+        module = state_dict_or_module
+        if head_key is not None:
+            name = head_key.removesuffix(".weight")
+            try:
+                head = module.get_submodule(name)
+            except AttributeError as err:
+                raise KeyError(f"head_key {head_key!r} names no submodule") from err
+        else:
+            linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"{type(module).__name__} has no nn.Linear head to reset; pass head_key")
+            name, head = linears[-1]
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"the head {name!r} is a {type(head).__name__}, not an nn.Linear")
+        out_features = num_classes if num_classes is not None else head.out_features
+        weight, bias = _init_linear(out_features, head.in_features, head.bias is not None, seed, head.weight)
+        new = nn.Linear(head.in_features, out_features, bias=head.bias is not None, device="meta")
+        new.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
+        if bias is not None:
+            new.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
+        new.train(head.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, new)
+        return module
+
+    if not isinstance(state_dict_or_module, Mapping):
+        raise TypeError(f"reset_head takes a state_dict or an nn.Module, got {type(state_dict_or_module).__name__}")
+    sd = state_dict_or_module
+    key, bias_key = _find_head(sd, head_key)
+    old = sd[key]
+    out_features = num_classes if num_classes is not None else old.shape[0]
+    weight, bias = _init_linear(out_features, old.shape[1], bias_key is not None, seed, old)
+    out: OrderedDict[str, Tensor] = OrderedDict(sd)
+    out[key] = weight
+    if bias_key is not None:
+        out[bias_key] = bias
+    return out
