@@ -131,7 +131,7 @@ def bench_workload(name, arch, task, *, num_models, baseline_models, epochs, rep
         "projected_2proc_speedup_on_2_free_cores": round(cpu["per_model"] / (cpu["batched_2proc"] / 2), 2),
     }
     print(
-        f"{name:>28}: per-model {out['ms_per_model_epoch']['per_model']:8.1f} ms/model-epoch | "
+        f"{name:>48}: per-model {out['ms_per_model_epoch']['per_model']:8.1f} ms/model-epoch | "
         f"batched {out['speedup_vs_per_model']['batched']:5.2f}x | "
         f"batched+2 proc {out['speedup_vs_per_model']['batched_2proc']:5.2f}x "
         f"(CPU efficiency {out['cpu_efficiency_vs_per_model']['batched']:.2f}x / "
@@ -155,7 +155,7 @@ def main() -> None:
     workloads = [
         ("mlp/digits", "mlp", load_task("digits"), True),
         ("cnn-s/digits", "cnn-s", load_task("digits"), True),
-        ("cnn-s/digits (train only)", "cnn-s", load_task("digits"), False),
+        ("cnn-s/digits (checkpoint at the last epoch only)", "cnn-s", load_task("digits"), False),
     ]
     for task_name in ("mnist", "fashion-mnist"):
         if task_name in list_tasks(installed_only=True):
@@ -175,7 +175,7 @@ def main() -> None:
             )
     finally:
         shutdown_workers()
-    digits_cnn = next(r for r in results if r["workload"] == "cnn-s/digits (train only)")
+    digits_cnn = next(r for r in results if r["workload"] == "cnn-s/digits (checkpoint at the last epoch only)")
     report = {
         "benchmark": "zoo population training (model-epochs per second)",
         "machine": machine_info(),
