@@ -99,7 +99,7 @@ class SamplingEvalConfig:
 
     num_samples: int = field(default=16, metadata={"help": "Models to sample."})
     num_prompts: int | None = field(
-        default=10, metadata={"help": "Prompts: the best N test models at --prompt-epoch (0 = all of them)."}
+        default=5, metadata={"help": "Prompts: the best N test models at --prompt-epoch (0 = all of them)."}
     )
     prompt_epoch: int | None = field(
         default=None, metadata={"help": "Checkpoint epoch of the prompts (default: the zoo's last stored epoch)."}
@@ -110,10 +110,10 @@ class SamplingEvalConfig:
     )
     mode: str = field(default="joint", metadata={"help": f"KDE mode, one of {SAMPLING_MODES}."})
     bandwidth: float | str = field(
-        default=0.1,
+        default="scott",
         metadata={"help": "KDE kernel std in latent units, or a rule: 'scott' / 'silverman' (on the prompts)."},
     )
-    bandwidth_scale: float = field(default=1.0, metadata={"help": "Multiplies the bandwidth."})
+    bandwidth_scale: float = field(default=0.2, metadata={"help": "Multiplies a rule's bandwidth."})
     score: str = field(
         default="train-acc",
         metadata={"help": "Rank candidates by 'train-acc' (accuracy on --score-samples training images) or 'none'."},

@@ -429,7 +429,10 @@ def make_self_contained(folder: str | os.PathLike) -> list[str]:
             if indent.strip() or not text[node.col_offset :].lstrip().startswith(("from", "import")):
                 raise RuntimeError(f"{name}:{node.lineno}: cannot rewrite an import that shares its line")
             if not bundled and target and "." not in module and id(node) in top and isinstance(node, ast.ImportFrom):
-                spec = importlib.util.find_spec(f"{_PACKAGE}.{target}")
+                try:
+                    spec = importlib.util.find_spec(f"{_PACKAGE}.{target}")
+                except ImportError:  # sane_hf itself is not installed (re-saving remote code)
+                    spec = None
                 if spec is not None and spec.origin and Path(spec.origin).name == f"{target}.py":
                     shutil.copyfile(spec.origin, folder / f"{target}.py")
                     changed.append(f"{target}.py")
