@@ -47,6 +47,10 @@ def _ms(s: Any, spec: str = ".3f") -> str:
     return format(s["mean"], spec)
 
 
+def _load(values: Any) -> str:
+    return "n/a" if not values else " / ".join(f"{v:.1f}" for v in values)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -197,8 +201,8 @@ def render_performance(s: dict[str, Any]) -> str:
     m = s.get("machine", {})
     out = ["## Performance", "",
            f"Measured by `python benchmarks/speed.py` on {m.get('cpu_count')} CPU cores ({m.get('cpu_model', '')}, "
-           f"{m.get('platform')}), torch {m.get('torch')}; load average before {s.get('load_average_before')}, "
-           f"after {s.get('load_average_after')}. {s.get('note', '')} GPU: {s.get('gpu', 'not measured (no GPU)')}.",
+           f"{m.get('platform')}), torch {m.get('torch')}; load average (1/5/15 min) before "
+           f"{_load(s.get('load_average_before'))}, after {_load(s.get('load_average_after'))}. {s.get('note', '')} GPU: {s.get('gpu', 'not measured (no GPU)')}.",
            ""]
     secs = s.get("sections", {})
     t = secs.get("tokenizer")
@@ -240,11 +244,16 @@ def render_performance(s: dict[str, Any]) -> str:
             [r["case"], f"{r['num_params']:,}", f"{r['tokens_per_model']:,}", r["n_models"], r["batch_size"],
              _num(r["embed_s"], ".2f"), _num(r["s_per_1k_tokens"], ".4f"), _num(r["peak_delta_mb"], ".0f")]
             for r in e["rows"]]))
-        lin = e.get("time_linear_in_tokens") or {}
-        if lin:
+        by_case = {r["case"]: r for r in e["rows"]}
+        if "resnet18" in by_case and "resnet50" in by_case:
+            r18, r50 = by_case["resnet18"], by_case["resnet50"]
             out.append("")
-            out.append(f"Time per 1k tokens, max/min over the ResNet cases: {lin.get('max_over_min_s_per_1k')} "
-                       "(1.0 = exactly linear in model size).")
+            out.append(
+                f"Linear scaling at batch 32: ResNet-50 has {r50['tokens_per_model'] / r18['tokens_per_model']:.2f}× "
+                f"the tokens of ResNet-18 and took {r50['embed_s'] / r18['embed_s']:.2f}× the time "
+                f"({r50['s_per_1k_tokens'] / r18['s_per_1k_tokens']:.2f}× the time per token; 1.0 = exactly linear); "
+                f"memory added grows from {_num(r18['peak_delta_mb'], '.0f')} to {_num(r50['peak_delta_mb'], '.0f')} MB, "
+                "dominated by the model's own tokens, not by attention over the whole sequence.")
         out += ["", f"`{e['command']}`", ""]
     sa = secs.get("sampling")
     if sa and sa.get("rows"):
@@ -257,7 +266,10 @@ def render_performance(s: dict[str, Any]) -> str:
     qs = secs.get("quickstart")
     out += ["### Quickstart", ""]
     if qs and qs.get("status") == "measured":
-        out.append(f"`sane-hf quickstart` wall time: {_num(qs.get('wall_seconds'), '.0f')} s.")
+        stages = ", ".join(f"{k} {_num(v, '.0f')} s" for k, v in (qs.get("stage_seconds") or {}).items())
+        mach = qs.get("machine") or {}
+        out.append(f"`sane-hf quickstart` wall time: {_num(qs.get('wall_seconds'), '.0f')} s ({stages}); "
+                   f"{mach.get('cpu_count', '?')} CPU cores, load average at start {_load(mach.get('load_average_start'))}.")
     else:
         out.append("`sane-hf quickstart` wall time: not measured.")
     out.append("")

@@ -95,8 +95,8 @@ def section_zoo(work: Path) -> dict[str, Any]:
     for r in raw["results"]:
         mes = r.get("model_epochs_per_s") or {}
         rows.append({"workload": r["workload"], "model_epochs_per_s": mes,
-                     "ratio_batched": r.get("speedup", {}).get("batched") if isinstance(r.get("speedup"), dict)
-                     else None, "raw": {k: v for k, v in r.items() if k not in ("workload",)}})
+                     "ratio_batched": (r.get("speedup_vs_per_model") or {}).get("batched"),
+                     "raw": {k: v for k, v in r.items() if k not in ("workload",)}})
     return {"what": "zoo population training, model-epochs/s: batched (stacked groups) vs per-model loop",
             "baseline": "per-model nn.Module + torch.optim loop, 1 thread",
             "command": "python benchmarks/bench_zoo.py --quick --repeats 2", "rows": rows,
@@ -206,8 +206,11 @@ def section_quickstart(path: Path | None) -> dict[str, Any]:
                 f"{path} not found"}
     m = json.loads(Path(path).read_text())
     wall = m.get("wall_seconds", m.get("total_seconds", m.get("seconds")))
+    stages = m.get("stages") or m.get("timings") or {}
+    stage_seconds = {k: (v.get("seconds") if isinstance(v, dict) else v) for k, v in stages.items()}
     return {"what": "sane-hf quickstart wall time", "status": "measured", "wall_seconds": wall,
-            "stages": m.get("timings") or m.get("stage_seconds"), "source": str(path)}
+            "stage_seconds": stage_seconds, "fast_mode": (m.get("config") or {}).get("fast_mode"),
+            "machine": m.get("machine"), "source": str(path)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report: dict[str, Any] = {"benchmark": "sane-hf speed", "machine": machine(),
                               "load_average_before": list(os.getloadavg()), "sections": dict(previous.get("sections", {}))}
+    for name in SECTIONS:  # sections measured earlier (cached in the work dir) stay in the report
+        cache = args.work_dir / f"section_{name}.json"
+        if name not in args.only and cache.is_file():
+            report["sections"][name] = json.loads(cache.read_text())
     for name in args.only:
         cache = args.work_dir / f"section_{name}.json"
         if cache.is_file() and not args.force and name != "quickstart":
