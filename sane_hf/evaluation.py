@@ -138,7 +138,8 @@ class SamplingEvalConfig:
     )
     transfer_epochs: int = field(default=1, metadata={"help": "Fine-tuning epochs on the transfer task."})
     transfer_train_subset: int | None = field(
-        default=5000, metadata={"help": "Training images of the transfer task (0 = all)."}
+        default=1000,
+        metadata={"help": "Training images of the transfer task (0 = all); few images are where an init matters."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, baselines, subsets and fine-tuning."})
     window: int | None = field(default=None, metadata={"help": "Content tokens per window (default: from the model)."})
