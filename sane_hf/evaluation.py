@@ -588,6 +588,8 @@ def evaluate_sampling(
         "noise": {**novelty(noise_sds, noise_nets), "prompt_distance": _summary(prompt_dist)},
         "noise_matched_accuracy": {
             **novelty(matched_sds, matched_nets), "noise_norm": matched_norm, "target_val_acc": sample_val,
+            # False when the samples beat the prompts themselves: no noise can match, the group = the prompts
+            "matched": matched_norm > 0,
         },
         "prompts": novelty(setup.prompt_sds, prompt_nets),
         "num_neighbours": len(neighbour_sds),
