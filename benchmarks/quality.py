@@ -152,8 +152,9 @@ def _profile_small() -> tuple[list[ZooSpec], list[AblationSpec]]:
 
 def _profile_gpu() -> tuple[list[ZooSpec], list[AblationSpec]]:
     zoos, ablations = _profile_cpu()
-    large = ["--config", "defaults", "--max-steps", "20000", "--batch-size", "128", "--eval-steps", "0",
-             "--save-steps", "5000", "--progress", "False"]
+    # the defaults preset's window (64) exceeds a cnn-s network (54 tokens): sane-hf train rejects it
+    large = ["--config", "defaults", "--window-size", "48", "--max-steps", "20000", "--batch-size", "128",
+             "--eval-steps", "0", "--save-steps", "5000", "--progress", "False"]
     zoos[0].build[zoos[0].build.index("--num-models") + 1] = "1000"
     zoos[0].train = large
     zoos[1].build[zoos[1].build.index("--num-models") + 1] = "500"
