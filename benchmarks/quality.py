@@ -62,6 +62,7 @@ class ZooSpec:
     sample: list[str] | None = None  # flags of `sane-hf sample --evaluate`; None = no sampling row
     sample_seeds: tuple[int, ...] = (0,)  # SANE seeds whose sampling is evaluated
     probe: list[str] = field(default_factory=list)
+    shares_zoo: str | None = None  # reuse the zoo built for this row instead of building one
 
 
 @dataclass
@@ -94,6 +95,16 @@ def _profile_cpu() -> tuple[list[ZooSpec], list[AblationSpec]]:
             ["--task", "digits", "--arch", "cnn-s", "--num-models", "200", "--epochs", "10",
              "--checkpoint-epochs", "0", "1", "2", "3", "5", "7", "10", "--seed", "0", "--num-workers", "2"],
             _digits_train(steps), seeds=(0, 1, 2), sample=sample_eval,
+        ),
+        # the recipe that trains SANE to a high reconstruction R² on this zoo: token size 16, one window
+        # covering the whole model (102 tokens), light erasing, 3500 steps (~20 min on one core)
+        ZooSpec(
+            "digits-cnn-s-t16", "the digits cnn-s zoo above, SANE with token size 16, a whole-model window "
+            "(102 tokens) and 3500 steps",
+            [], ["--config", "small", "--token-size", "16", "--window-size", "102", "--halo-size", "0",
+                 "--erase-prob", "0.1", "--max-steps", "3500", "--batch-size", "32", "--eval-steps", "0",
+                 "--save-steps", "500", "--num-threads", "1", "--progress", "False"],
+            seeds=(0,), sample=sample_eval, shares_zoo="digits-cnn-s",
         ),
         ZooSpec(
             "fashion-cnn-s", "Fashion-MNIST downsampled to 14×14 (5,000 training images), cnn-s, 60 models × 5 checkpoints",
@@ -204,13 +215,15 @@ def build_steps(zoos: list[ZooSpec], ablations: list[AblationSpec]) -> dict[str,
         steps[step.name] = step
 
     def add_zoo(z: ZooSpec) -> None:
-        zdir = f"$WORK/zoos/{z.name}"
-        add(Step(f"{z.name}/zoo", ["zoo", "build", *z.build, "--out", zdir, "--no-progress"],
-                 f"{zdir}/zoo_summary.json", [], [z.name]))
+        zname = z.shares_zoo or z.name
+        zdir = f"$WORK/zoos/{zname}"
+        if z.shares_zoo is None:
+            add(Step(f"{z.name}/zoo", ["zoo", "build", *z.build, "--out", zdir, "--no-progress"],
+                     f"{zdir}/zoo_summary.json", [], [z.name]))
         for seed in z.seeds:
             run = f"$WORK/runs/{z.name}-s{seed}"
             add(Step(f"{z.name}/train-s{seed}", ["train", "--zoo", zdir, "--out", run, *z.train, "--seed", str(seed)],
-                     f"{run}/metrics.json", [f"{z.name}/zoo"], [z.name]))
+                     f"{run}/metrics.json", [f"{zname}/zoo"], [z.name]))
             add(Step(f"{z.name}/probe-s{seed}", ["probe", "--model", run, "--zoo", zdir, *z.probe, "--no-plots",
                                                   "--no-progress"],
                      f"{run}/probe/metrics.json", [f"{z.name}/train-s{seed}"], [z.name]))
@@ -398,13 +411,14 @@ def collect(profile: str, work: Path, zoos: list[ZooSpec], ablations: list[Ablat
             steps: dict[str, Step]) -> dict[str, Any]:
     out: dict[str, Any] = {"profile": profile, "zoos": [], "ablations": [], "missing_steps": []}
     for z in zoos:
-        zoo_rec = _cached(work, f"{z.name}/zoo")
+        zname = z.shares_zoo or z.name
+        zoo_rec = _cached(work, f"{zname}/zoo")
         entry: dict[str, Any] = {"name": z.name, "description": z.description,
                                  "reproduce": _quality_cmd(profile, z.name),
-                                 "commands": {"zoo": (_cached(work, f"{z.name}/zoo") or {}).get("command")
-                                              or steps[f"{z.name}/zoo"].command()}}
+                                 "commands": {"zoo": (zoo_rec or {}).get("command")
+                                              or steps[f"{zname}/zoo"].command()}}
         if zoo_rec is None:
-            out["missing_steps"].append(f"{z.name}/zoo")
+            out["missing_steps"].append(f"{zname}/zoo")
             out["zoos"].append(entry)
             continue
         s = zoo_rec["metrics"]
@@ -503,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default: benchmarks/results/quality.json; quality_<profile>.json for "
                         "non-cpu profiles)")
+    p.add_argument("--export-run", default="digits-cnn-s-t16",
+                   help="the row whose seed-0 SANE model --export-checkpoint stages")
     p.add_argument("--export-checkpoint", type=Path, default=None,
                    help="after running, stage the first zoo's seed-0 SANE model as a Hub folder here "
                         "(sane-hf push --dry-run --staging-dir)")
@@ -540,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"[quality] wrote {out} ({len(result['missing_steps'])} steps missing) in {time.time() - started:.0f} s")
     if args.export_checkpoint is not None:
-        run = work / "runs" / f"{zoos[0].name}-s0"
+        run = work / "runs" / f"{args.export_run}-s0"
         cmd = [sys.executable, "-m", "sane_hf.cli", "push", "--model", str(run), "--repo-id", args.repo_id,
                "--dry-run", "--staging-dir", str(args.export_checkpoint)]
         print("[quality] " + " ".join(cmd), flush=True)

@@ -94,9 +94,46 @@ def _model_config(args: argparse.Namespace, token_size: int, training: Any):
         config = SaneConfig.from_json_file(str(checkpoint / "sane_config.json"))  # the run's own model
     else:
         config = sane_config_preset(args.preset, token_size, **overrides)
+        if args.window_size is None:
+            _fit_preset_window(config, args, token_size)
     if config.token_size != token_size:
         raise ValueError(f"the model config has token_size {config.token_size} but the zoo's tokens have {token_size}")
     return config
+
+
+def _zoo_num_tokens(args: argparse.Namespace, token_size: int) -> int | None:
+    """Tokens per checkpoint of the zoo at ``token_size`` (None when it cannot be told cheaply)."""
+    from sane_hf.tokenization_sane import TOKENIZER_FILE, WeightTokenizer
+
+    try:
+        if args.tokenizer is not None:
+            return WeightTokenizer.from_pretrained(args.tokenizer).num_tokens
+        if (args.zoo / TOKENIZER_FILE).is_file():
+            return WeightTokenizer.from_pretrained(args.zoo).num_tokens
+        from sane_hf.zoo.dataset import load_zoo, state_dict_from_bytes
+
+        row = load_zoo(args.zoo)["train"][0]
+        return WeightTokenizer.from_reference(state_dict_from_bytes(row["weights"]), token_size=token_size).num_tokens
+    except Exception:  # noqa: BLE001 - train_sane validates the zoo and reports what is wrong
+        return None
+
+
+def _fit_preset_window(config: Any, args: argparse.Namespace, token_size: int) -> None:
+    """Shrink a preset's window to the zoo's sequence length when the models are shorter than it.
+
+    Only for preset windows: an explicit ``--window-size`` that is too long stays an error.
+    """
+    num_tokens = _zoo_num_tokens(args, token_size)
+    if num_tokens is None or config.window_size <= num_tokens:
+        return
+    halo = min(config.halo_size, max(0, (num_tokens - 1) // 4))
+    print(
+        f"sane-hf train: the zoo's models are {num_tokens} tokens long, shorter than the {args.preset!r} preset's "
+        f"window ({config.window_size}); training on whole-model windows (window_size={num_tokens}, "
+        f"halo_size={halo}). Pass --window-size to choose another."
+    )
+    config.halo_size = halo
+    config.window_size = num_tokens
 
 
 def format_summary(output_dir: Path) -> str:
