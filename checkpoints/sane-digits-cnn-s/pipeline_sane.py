@@ -177,18 +177,21 @@ class WeightSamplingPipeline(_WeightPipeline):
         >>> # prompts: the best test models of the zoo
         >>> zoo, config = load_zoo("zoos/digits-cnn"), load_zoo_config("zoos/digits-cnn")
         >>> test = zoo["test"].filter(lambda r: r["epoch"] == config.epochs).sort("test_acc", reverse=True)
-        >>> prompts = [zoo_model(config, test[i]) for i in range(5)]
+        >>> test = test.filter(lambda r: r["activation"] == test[0]["activation"])  # one activation function
+        >>> prompts = [zoo_model(config, test[i]) for i in range(min(5, len(test)))]
+        >>> arch = dict(image_size=8, activation=test[0]["activation"])
 
         >>> # score candidates by accuracy on 256 training images, keep the best 8 of 32, bootstrap once
         >>> task = load_task("digits")
         >>> def score_fn(state_dict):
-        ...     net = create_model("cnn-s", image_size=8)
+        ...     net = create_model("cnn-s", **arch)
         ...     net.load_state_dict(state_dict)
+        ...     net.eval()
         ...     with torch.no_grad():
         ...         return (net(task.x_train[:256]).argmax(-1) == task.y_train[:256]).float().mean().item()
         >>> samples = pipe(prompts, num_samples=8, candidates=32, score_fn=score_fn, bootstrap_rounds=1, seed=0)
         >>> [round(s["score"], 3) for s in samples]          # best first
-        >>> net = create_model("cnn-s", image_size=8)
+        >>> net = create_model("cnn-s", **arch)
         >>> net.load_state_dict(samples[0]["state_dict"], strict=True)
         >>> evaluate_model(net, task, "test")              # (accuracy, loss) before any fine-tuning
         ```
@@ -429,7 +432,10 @@ def make_self_contained(folder: str | os.PathLike) -> list[str]:
             if indent.strip() or not text[node.col_offset :].lstrip().startswith(("from", "import")):
                 raise RuntimeError(f"{name}:{node.lineno}: cannot rewrite an import that shares its line")
             if not bundled and target and "." not in module and id(node) in top and isinstance(node, ast.ImportFrom):
-                spec = importlib.util.find_spec(f"{_PACKAGE}.{target}")
+                try:
+                    spec = importlib.util.find_spec(f"{_PACKAGE}.{target}")
+                except ImportError:  # sane_hf itself is not installed (re-saving remote code)
+                    spec = None
                 if spec is not None and spec.origin and Path(spec.origin).name == f"{target}.py":
                     shutil.copyfile(spec.origin, folder / f"{target}.py")
                     changed.append(f"{target}.py")
