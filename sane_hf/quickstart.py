@@ -780,6 +780,10 @@ def run_quickstart(
 
     Raises:
         ValueError: ``out_dir`` holds a zoo or training run made with other settings.
+
+    The full config builds the zoo in 2 worker processes (``zoo.num_workers``), started with
+    ``spawn``: call this from a script under ``if __name__ == "__main__":`` (or set
+    ``config.zoo.num_workers = 1``), as for any ``multiprocessing`` code.
     """
     from sane_hf.zoo.dataset import load_zoo_config, load_zoo_summary
 
