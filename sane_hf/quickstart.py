@@ -463,9 +463,7 @@ def _load_model(model_dir: Path) -> tuple[Any, Any]:
 
 
 def _stage_probe(config: QuickstartConfig, model_dir: Path, zoo: Any, zoo_dir: Path, probe_dir: Path, progress: bool) -> dict:
-    import numpy as np
-
-    from sane_hf.cli.probe import plot_embedding_map, plot_predictions
+    from sane_hf.cli.probe import write_probe_artifacts
     from sane_hf.probing import evaluate_zoo_probes
 
     start = time.perf_counter()
@@ -476,21 +474,7 @@ def _stage_probe(config: QuickstartConfig, model_dir: Path, zoo: Any, zoo_dir: P
         model, tokenizer, zoo, list(settings.targets), methods=list(settings.methods), batch_size=settings.batch_size,
         pooling=settings.pooling, raw_max_params=settings.raw_max_params, extra_columns=extra, progress=progress,
     )  # fmt: skip
-    probe_dir.mkdir(parents=True, exist_ok=True)
-    files = ["metrics.json"]
-    if plot_predictions(report, probe_dir / "pred_vs_true_test_acc.png"):
-        files.append("pred_vs_true_test_acc.png")
-    if plot_embedding_map(report, probe_dir / "embedding_pca.png"):
-        files.append("embedding_pca.png")
-    if report.embeddings:
-        arrays: dict[str, Any] = {}
-        for split, emb in report.embeddings.items():
-            arrays[f"{split}_embeddings"] = emb.astype(np.float32)
-            for col in ("model_id", "epoch"):
-                if col in report.properties[split]:
-                    arrays[f"{split}_{col}"] = np.asarray(report.properties[split][col])
-        np.savez_compressed(probe_dir / "embeddings.npz", **arrays)
-        files.append("embeddings.npz")
+    files = write_probe_artifacts(report, probe_dir)
     # the layout of `sane-hf probe`'s metrics.json (read by the model card)
     payload = {
         **report.to_dict(),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_probe", "resplit_by_model", "plot_predictions", "plot_embedding_map"]
+__all__ = ["register", "run_probe", "resplit_by_model", "plot_predictions", "plot_embedding_map", "write_probe_artifacts"]
 
 _PLOT_PROPERTY = "test_acc"
 
@@ -165,8 +165,33 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def run_probe(args: argparse.Namespace) -> int:
+def write_probe_artifacts(report: Any, out: Path, *, plots: bool = True) -> list[str]:
+    """Write the probe's plots and ``embeddings.npz`` into ``out``; the file names, ``metrics.json`` first.
+
+    ``metrics.json`` itself is written by the caller (its payload names the model and zoo).
+    """
     import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = ["metrics.json"]
+    if plots:
+        if plot_predictions(report, out / "pred_vs_true_test_acc.png"):
+            files.append("pred_vs_true_test_acc.png")
+        if plot_embedding_map(report, out / "embedding_pca.png"):
+            files.append("embedding_pca.png")
+    if report.embeddings:
+        arrays: dict[str, Any] = {}
+        for split, emb in report.embeddings.items():
+            arrays[f"{split}_embeddings"] = emb.astype(np.float32)
+            for col in ("model_id", "epoch"):
+                if col in report.properties[split]:
+                    arrays[f"{split}_{col}"] = np.asarray(report.properties[split][col])
+        np.savez_compressed(out / "embeddings.npz", **arrays)
+        files.append("embeddings.npz")
+    return files
+
+
+def run_probe(args: argparse.Namespace) -> int:
     import torch
 
     from sane_hf.modeling_sane import SaneModel
@@ -204,22 +229,7 @@ def run_probe(args: argparse.Namespace) -> int:
         raise SystemExit(f"sane-hf probe: {err}") from err
 
     out = Path(args.out) if args.out is not None else model_dir / "probe"
-    out.mkdir(parents=True, exist_ok=True)
-    files = ["metrics.json"]
-    if not args.no_plots:
-        if plot_predictions(report, out / "pred_vs_true_test_acc.png"):
-            files.append("pred_vs_true_test_acc.png")
-        if plot_embedding_map(report, out / "embedding_pca.png"):
-            files.append("embedding_pca.png")
-    if report.embeddings:
-        arrays: dict[str, Any] = {}
-        for split, emb in report.embeddings.items():
-            arrays[f"{split}_embeddings"] = emb.astype(np.float32)
-            for col in ("model_id", "epoch"):
-                if col in report.properties[split]:
-                    arrays[f"{split}_{col}"] = np.asarray(report.properties[split][col])
-        np.savez_compressed(out / "embeddings.npz", **arrays)
-        files.append("embeddings.npz")
+    files = write_probe_artifacts(report, out, plots=not args.no_plots)
     payload = {
         **report.to_dict(),
         "model": str(model_dir),
