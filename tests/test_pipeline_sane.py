@@ -138,7 +138,7 @@ REMOTE = textwrap.dedent(
     sys.meta_path.insert(0, NoSaneHF())
     from transformers import pipeline
 
-    folder, prompts = sys.argv[1], torch.load(sys.argv[2])
+    folder, prompts = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
     inferred = pipeline(model=folder, trust_remote_code=True, device="cpu")
     named = pipeline("weight-sampling", model=folder, trust_remote_code=True, device="cpu")
     a = inferred(prompts, num_samples=3, seed=5)
@@ -162,7 +162,7 @@ def test_remote_code_in_a_fresh_process_without_sane_hf(parts, saved, tmp_path):
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["class"].startswith("transformers_modules.") and info["class"].endswith("pipeline_sane")
     assert info["task"] == "weight-sampling" and not info["sane_hf_loaded"]
-    remote = torch.load(tmp_path / "out.pt")
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
     ref = sample_models(sane, tok, prompts, 3, seed=5)
     for key in ("inferred", "named"):
         for got, want in zip(remote[key], ref):

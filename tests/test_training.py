@@ -148,7 +148,7 @@ def test_two_processes_stay_in_sync(zoo_dir, tmp_path):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])  # DDP kept the replicas identical
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ranks)
     assert ranks[0]["loss"] != ranks[1]["loss"]  # ...while each process saw its own batches

@@ -26,10 +26,10 @@ included (tested).
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import multiprocessing as mp
 import os
-import pickle
 import queue as queue_module
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -762,8 +763,7 @@ def _worker_init(progress_queue, threads: int) -> None:
 
 def _worker_run(call_id: str, task_blob: bytes, run: _RunSpec, items: list[tuple[int, HyperParams]]) -> list[tuple]:
     if _WORKER.get("task_id") != call_id:  # the task is unpickled once per call and worker
-        fields_ = pickle.loads(task_blob)  # our own numeric arrays, from the parent process
-        _WORKER["task"] = TaskData(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in fields_.items()})
+        _WORKER["task"] = _task_from_blob(task_blob)
         _WORKER["task_id"] = call_id
     progress_queue = _WORKER["queue"]
     out = []
@@ -801,8 +801,19 @@ def shutdown_workers() -> None:
 atexit.register(shutdown_workers)
 
 
-def _task_fields(task: TaskData) -> dict:
-    return {f.name: (v.numpy() if isinstance(v := getattr(task, f.name), torch.Tensor) else v) for f in fields(task)}
+def _task_blob(task: TaskData) -> bytes:
+    """The task as safetensors bytes (tensors) with its other fields as JSON metadata — no pickle."""
+    tensors = {f.name: v.contiguous() for f in fields(task) if isinstance(v := getattr(task, f.name), torch.Tensor)}
+    meta = {f.name: getattr(task, f.name) for f in fields(task) if f.name not in tensors}
+    return safetensors.torch.save(tensors, metadata={"fields": json.dumps(meta)})
+
+
+def _task_from_blob(blob: bytes) -> TaskData:
+    tensors = safetensors.torch.load(blob)
+    header_len = int.from_bytes(blob[:8], "little")  # safetensors: u64 header size, then the JSON header
+    meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fields"])
+    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
+    return TaskData(**tensors, **meta)
 
 
 def train_population(
@@ -888,7 +899,7 @@ def _run_in_workers(task: TaskData, jobs: list, run: _RunSpec, num_workers: int,
     threads = threads or max(1, (os.cpu_count() or 1) // num_workers)
     executor, progress_queue = _pool(num_workers, threads)
     call_id = uuid.uuid4().hex
-    task_blob = pickle.dumps(_task_fields(task), protocol=pickle.HIGHEST_PROTOCOL)  # pickled once per call
+    task_blob = _task_blob(task)  # serialised once per call
 
     def drain(block_until=None) -> None:
         while True:
