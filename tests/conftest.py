@@ -117,3 +117,46 @@ def resnet18() -> nn.Module:
 @pytest.fixture
 def bert() -> nn.Module:
     return make_bert()
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny zoos shared by the training, data, probe and sample tests (built once per session)
+
+TINY_ZOO = dict(task="digits", arch="cnn-s", num_models=6, epochs=2, train_subset=128, eval_subset=64,
+                models_per_chunk=6)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory):
+    """A raw digits cnn-s zoo (6 models, epochs 0..2) as `sane-hf zoo build` writes it."""
+    from sane_hf.zoo.dataset import ZooConfig, build_zoo
+
+    out = tmp_path_factory.getbasetemp() / "tiny-digits-cnn-zoo"
+    build_zoo(ZooConfig(**TINY_ZOO), out, progress=False, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def zoo_and_model(tmp_path_factory):
+    """A 9-model digits zoo (3 models per split, the fewest a probe accepts) and an untrained tiny SANE
+    saved with its fitted tokenizer: ``root/zoo`` and ``root/sane``."""
+    import datasets
+
+    from sane_hf.configuration_sane import SaneConfig
+    from sane_hf.modeling_sane import SaneModel
+    from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo
+
+    root = tmp_path_factory.mktemp("zoo-and-sane")
+    old_cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = root / "hf-cache"
+    config = ZooConfig(task="digits", arch="cnn-s", num_models=9, epochs=2, train_subset=128, eval_subset=64,
+                       models_per_chunk=9, split_fractions=(0.34, 0.33, 0.33))
+    zoo = build_zoo(config, root / "zoo", progress=False)
+    tok = fit_tokenizer_on_zoo(zoo, token_size=16)
+    torch.manual_seed(0)
+    model = SaneModel(SaneConfig(token_size=16, d_model=32, num_encoder_layers=1, num_decoder_layers=1, latent_dim=8,
+                                 projection_dim=8, window_size=32, halo_size=4))
+    model.save_pretrained(root / "sane")
+    tok.save_pretrained(root / "sane")
+    yield root
+    datasets.config.HF_DATASETS_CACHE = old_cache

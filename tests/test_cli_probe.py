@@ -6,35 +6,10 @@ import json
 import math
 
 import pytest
-import torch
 
 from sane_hf.cli import main
-from sane_hf.configuration_sane import SaneConfig
-from sane_hf.modeling_sane import SaneModel
-from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo
 
 TARGETS = ["test_acc", "epoch", "ggap", "activation", "optimizer", "init"]
-
-
-@pytest.fixture(scope="module")
-def zoo_and_model(tmp_path_factory):
-    import datasets
-
-    root = tmp_path_factory.mktemp("probe-cli")
-    old_cache = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = root / "hf-cache"
-    # 9 models x epochs 0..2, 3 models per split (the minimum a probe accepts)
-    config = ZooConfig(task="digits", arch="cnn-s", num_models=9, epochs=2, train_subset=128, eval_subset=64,
-                       models_per_chunk=9, split_fractions=(0.34, 0.33, 0.33))
-    zoo = build_zoo(config, root / "zoo", progress=False)
-    tok = fit_tokenizer_on_zoo(zoo, token_size=16)
-    torch.manual_seed(0)
-    model = SaneModel(SaneConfig(token_size=16, d_model=32, num_encoder_layers=1, num_decoder_layers=1, latent_dim=8,
-                                 projection_dim=8, window_size=32, halo_size=4))
-    model.save_pretrained(root / "sane")
-    tok.save_pretrained(root / "sane")
-    yield root
-    datasets.config.HF_DATASETS_CACHE = old_cache
 
 
 def test_probe_cli_writes_metrics_and_plots(zoo_and_model, capsys):

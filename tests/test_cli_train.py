@@ -9,18 +9,9 @@ import pytest
 from sane_hf.cli import main
 from sane_hf.modeling_sane import SaneModel
 from sane_hf.tokenization_sane import WeightTokenizer
-from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo, load_zoo, tokenize_zoo
+from sane_hf.zoo.dataset import fit_tokenizer_on_zoo, load_zoo, tokenize_zoo
 
-TINY_ZOO = dict(task="digits", arch="cnn-s", num_models=6, epochs=2, train_subset=128, eval_subset=64,
-                models_per_chunk=6)  # fmt: skip
 FAST = ["--token-size", "16", "--config", "small", "--batch-size", "8", "--num-threads", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def zoo_dir(tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "tiny-digits-cnn-zoo"  # shared with the other test modules
-    build_zoo(ZooConfig(**TINY_ZOO), out, progress=False, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
-    return out
 
 
 def test_train_command_writes_a_loadable_folder(zoo_dir, tmp_path, capsys):

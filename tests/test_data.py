@@ -17,8 +17,6 @@ from sane_hf.data import (
 )
 from sane_hf.tokenization_sane import WeightTokenizer, WeightTokens
 from sane_hf.zoo.dataset import (
-    ZooConfig,
-    build_zoo,
     fit_tokenizer_on_zoo,
     load_zoo_config,
     state_dict_from_bytes,
@@ -26,17 +24,7 @@ from sane_hf.zoo.dataset import (
     zoo_model,
 )
 
-TINY_ZOO = dict(task="digits", arch="cnn-s", num_models=6, epochs=2, train_subset=128, eval_subset=64,
-                models_per_chunk=6)  # fmt: skip
 TOKEN_SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def zoo_dir(tmp_path_factory):
-    # one folder per test session: build_zoo returns a complete zoo with the same config as is
-    out = tmp_path_factory.getbasetemp() / "tiny-digits-cnn-zoo"
-    build_zoo(ZooConfig(**TINY_ZOO), out, progress=False, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,8 @@ from sane_hf.training import (
     sane_config_preset,
     train_sane,
 )
-from sane_hf.zoo.dataset import ZooConfig, build_zoo, fit_tokenizer_on_zoo, load_zoo, tokenize_zoo
+from sane_hf.zoo.dataset import fit_tokenizer_on_zoo, load_zoo, tokenize_zoo
 
-TINY_ZOO = dict(task="digits", arch="cnn-s", num_models=6, epochs=2, train_subset=128, eval_subset=64,
-                models_per_chunk=6)  # fmt: skip
 TOKEN_SIZE = 16  # cnn-s on 8x8 digits: 102 tokens of 16 values
 
 
@@ -37,13 +35,6 @@ def tiny_training(out, **overrides) -> SaneTrainingConfig:
     kwargs = dict(output_dir=str(out), batch_size=8, learning_rate=3e-3, eval_steps=10, save_steps=10,
                   progress=False, num_threads=1, windows_per_sample=4)  # fmt: skip
     return SaneTrainingConfig(**{**kwargs, **overrides})
-
-
-@pytest.fixture(scope="module")
-def zoo_dir(tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "tiny-digits-cnn-zoo"  # shared with the other test modules
-    build_zoo(ZooConfig(**TINY_ZOO), out, progress=False, cache_dir=str(tmp_path_factory.getbasetemp() / "hf-cache"))
-    return out
 
 
 @pytest.fixture(scope="module")
