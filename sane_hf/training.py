@@ -48,7 +48,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -65,6 +64,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+
+from sane_hf.serialization import JsonConfigMixin
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -138,7 +139,7 @@ def _default_threads() -> int:
 
 
 @dataclass
-class SaneTrainingConfig:
+class SaneTrainingConfig(JsonConfigMixin):
     """How to train SANE. Every field's ``help`` also drives ``sane-hf train`` (``HfArgumentParser``).
 
     >>> cfg = SaneTrainingConfig(output_dir="runs/x", max_steps=100)
@@ -297,24 +298,6 @@ class SaneTrainingConfig:
         if self.resume and self.overwrite_output_dir:
             raise ValueError("resume and overwrite_output_dir exclude each other")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SaneTrainingConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown SaneTrainingConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(data))
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> SaneTrainingConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def identity(self) -> dict[str, Any]:
         """The fields that determine the trained weights (compared on resume)."""
         return {k: v for k, v in self.to_dict().items() if k not in self._RUNTIME_FIELDS}
@@ -341,18 +324,6 @@ class StepInfo:
     accelerator: Accelerator
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_default(value: Any) -> Any:

@@ -39,7 +39,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import time
 import warnings
 from collections import OrderedDict, defaultdict
@@ -55,6 +54,8 @@ import pyarrow.parquet as pq
 import torch
 from datasets import Array2D, Dataset, DatasetDict, Features, Value
 from torch import nn
+
+from sane_hf.serialization import JsonConfigMixin, atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from sane_hf.tokenization_sane import WeightTokenizer
@@ -127,7 +128,7 @@ _REQUEST_FILE = "request.json"
 
 
 @dataclass
-class ZooConfig:
+class ZooConfig(JsonConfigMixin):
     """Everything that determines a zoo. Each field's ``help`` also drives ``sane-hf zoo build``.
 
     >>> cfg = ZooConfig(task="digits", arch="cnn-s", num_models=4, epochs=2)
@@ -269,21 +270,6 @@ class ZooConfig:
         out["split_fractions"] = list(self.split_fractions)
         return out
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ZooConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown ZooConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(data))
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> ZooConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def _identity(self) -> dict[str, Any]:
         """The fields that determine the rows (for resume checks)."""
         skip = set(self._RUNTIME_FIELDS) | set(self._DERIVED_FIELDS)
@@ -407,44 +393,11 @@ def _make_row(values: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _default_file_mode()  # mkstemp creates 0600 files; zoo files get the usual mode
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _write_parquet_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(rows), schema=ZOO_FEATURES.arrow_schema)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, _FILE_MODE)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _PartStore:
@@ -460,7 +413,7 @@ class _PartStore:
         if rows:
             _write_parquet_atomic(self.dir / f"{name}.parquet", rows)
         info = {**info, "rows": len(rows)}
-        _atomic_write_text(self.dir / f"{name}.json", json.dumps(info, sort_keys=True) + "\n")
+        atomic_write_text(self.dir / f"{name}.json", json.dumps(info, sort_keys=True) + "\n")
 
     def infos(self) -> dict[str, dict[str, Any]]:
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json")) if p.name != _REQUEST_FILE}
@@ -483,7 +436,7 @@ class _PartStore:
                     "to start over, or choose another output folder"
                 )
         else:
-            _atomic_write_text(path, json.dumps(request, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(path, json.dumps(request, indent=2, sort_keys=True) + "\n")
 
     def remove(self) -> None:
         if self.dir.exists():
@@ -694,8 +647,8 @@ def _assemble(
     # an imported zoo's options name local folders: keep only names relative to the source
     config = ZooConfig.from_dict({**config.to_dict(), "import_options": _public_import_options(config.import_options)})
     card = _render_card(config, summary, metas, first_weights, data_files, notes, name=out_dir.resolve().name)
-    _atomic_write_text(out_dir / "README.md", card)
-    _atomic_write_text(out_dir / _SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / "README.md", card)
+    atomic_write_text(out_dir / _SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     config.to_json_file(out_dir / _CONFIG_FILE)  # last: its presence (without .partial) marks a complete zoo
     return summary
 
