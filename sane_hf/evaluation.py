@@ -65,6 +65,8 @@ __all__ = [
     "SamplingEvalConfig",
     "SamplingSetup",
     "TRANSFER_CANDIDATES",
+    "PromptSelection",
+    "choose_prompts",
     "select_prompts",
     "accuracy_score_fn",
     "aligned_average",
@@ -74,6 +76,8 @@ __all__ = [
     "prediction_agreement",
     "resolve_transfer_task",
     "run_sampling",
+    "diversity_metrics",
+    "prompt_metrics",
     "evaluate_sampling",
     "plot_accuracy",
     "save_samples",
@@ -124,6 +128,10 @@ class SamplingEvalConfig:
     )
     keep_top: int | None = field(default=None, metadata={"help": "Anchors kept per bootstrap round (default: num-samples)."})
     bootstrap_rounds: int = field(default=0, metadata={"help": "Bootstrap rounds after the first draw."})
+    spread_anchors: bool = field(
+        default=True,
+        metadata={"help": "Keep scored samples spread over the prompts (each prompt's best first), not the global best."},
+    )
     finetune_epochs: tuple[int, ...] = field(
         default=(0, 1, 5), metadata={"help": "Fine-tuning epochs at which test accuracy is reported."}
     )
@@ -191,33 +199,99 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def select_prompts(
-    split: Any, *, num_prompts: int | None, epoch: int | None, activation: str = "auto"
-) -> tuple[list[dict[str, Any]], int, str]:
-    """The best ``num_prompts`` rows of ``split`` at ``epoch`` with one activation, best first.
+@dataclass
+class PromptSelection:
+    """The prompts :func:`choose_prompts` picked, and why there are not more.
 
-    Returns ``(rows, epoch, activation)``; ``epoch=None`` takes the split's last epoch and
-    ``activation="auto"`` the activation of the best model at that epoch.
+    Attributes:
+        rows: the chosen zoo rows, best test accuracy first.
+        epoch: their checkpoint epoch.
+        activation: their activation (``"any"`` when the architecture does not take one).
+        asked: how many prompts were asked for (None = all).
+        removed: ``{filter: [model ids]}`` — test models each filter removed (``"epoch"``: no
+            checkpoint at ``epoch``; ``"activation"``: another activation).
+        notes: one sentence per relaxation or shortfall, for metrics and messages.
+    """
+
+    rows: list[dict[str, Any]]
+    epoch: int
+    activation: str
+    asked: int | None = None
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def explain(self) -> str:
+        """One line: how many prompts, and which filter removed which test models."""
+        parts = [f"{len(self.rows)} prompt(s) (asked {self.asked if self.asked is not None else 'all'})"]
+        for name, ids in self.removed.items():
+            if ids:
+                parts.append(f"filter {name} removed model(s) {ids[:10]}{' …' if len(ids) > 10 else ''}")
+        return "; ".join(parts + self.notes)
+
+
+def choose_prompts(
+    split: Any, *, num_prompts: int | None, epoch: int | None, activation: str = "auto", uses_activation: bool = True
+) -> PromptSelection:
+    """The best ``num_prompts`` rows of ``split`` at ``epoch`` with one activation, best first, explained.
+
+    ``epoch=None`` takes the split's last epoch. ``activation="auto"`` takes the best model's
+    activation when enough test models share it, else the activation shared by the most models
+    (a state_dict is only meaningful with its activation, so prompts never mix them); a named
+    activation is kept as asked. With ``uses_activation=False`` (your own architecture, built
+    the same whatever the column says) there is no activation filter. Every model a filter
+    removed is listed in :attr:`PromptSelection.removed`.
     """
     if len(split) == 0:
-        raise ValueError("the zoo's test split is empty: no prompt models")
-    meta = split.select_columns(["epoch", "test_acc", "activation"]).with_format(None)[:]
-    epochs = meta["epoch"]
+        raise ValueError("the zoo's test split is empty: no prompt models (import with a larger test fraction)")
+    meta = split.select_columns(["model_id", "epoch", "test_acc", "activation"]).with_format(None)[:]
+    epochs, ids, acts = meta["epoch"], meta["model_id"], meta["activation"]
     epoch = max(epochs) if epoch is None else int(epoch)
     at = [i for i, e in enumerate(epochs) if e == epoch]
     if not at:
         raise ValueError(f"no test-split checkpoint at epoch {epoch}; stored epochs: {sorted(set(epochs))}")
     acc = [meta["test_acc"][i] if meta["test_acc"][i] == meta["test_acc"][i] else -1.0 for i in range(len(epochs))]
     at.sort(key=lambda i: -acc[i])
-    if activation == "auto":
-        activation = meta["activation"][at[0]]
-    chosen = [i for i in at if meta["activation"][i] == activation]
-    if not chosen:
-        found = sorted({meta["activation"][i] for i in at})
-        raise ValueError(f"no test model with activation {activation!r} at epoch {epoch}; found {found}")
+    present = {ids[i] for i in at}
+    removed: dict[str, list[int]] = {"epoch": sorted({m for m in ids if m not in present})}
+    notes: list[str] = []
+    want = len(at) if num_prompts is None else min(num_prompts, len(at))
+    if not uses_activation:
+        chosen, activation = at, "any"
+    else:
+        counts: dict[str, int] = {}
+        for i in at:
+            counts[acts[i]] = counts.get(acts[i], 0) + 1
+        if activation == "auto":
+            best = acts[at[0]]
+            activation = best
+            if counts[best] < want:  # relax: the activation that gives the most prompts (ties: the best model's)
+                rank = {a: min(r for r, i in enumerate(at) if acts[i] == a) for a in counts}
+                activation = max(counts, key=lambda a: (min(counts[a], want), -rank[a]))
+                if activation != best:
+                    notes.append(
+                        f"the best model's activation {best!r} has {counts[best]} test model(s) at epoch {epoch}, "
+                        f"fewer than the {want} asked; took {activation!r} ({counts[activation]} models)"
+                    )
+        chosen = [i for i in at if acts[i] == activation]
+        if not chosen:
+            raise ValueError(f"no test model with activation {activation!r} at epoch {epoch}; found {sorted(counts)}")
+        removed["activation"] = [ids[i] for i in at if acts[i] != activation]
     if num_prompts is not None:
         chosen = chosen[:num_prompts]
-    return [split[i] for i in chosen], epoch, activation
+    selection = PromptSelection([split[i] for i in chosen], epoch, activation, num_prompts, removed, notes)
+    if num_prompts is not None and len(chosen) < num_prompts:
+        selection.notes.append(
+            f"the test split has {len(set(ids))} model(s), {len(at)} with a checkpoint at epoch {epoch}"
+        )
+    return selection
+
+
+def select_prompts(
+    split: Any, *, num_prompts: int | None, epoch: int | None, activation: str = "auto"
+) -> tuple[list[dict[str, Any]], int, str]:
+    """``(rows, epoch, activation)`` of :func:`choose_prompts` (which also says why there are not more)."""
+    selection = choose_prompts(split, num_prompts=num_prompts, epoch=epoch, activation=activation)
+    return selection.rows, selection.epoch, selection.activation
 
 
 def accuracy_score_fn(
@@ -360,9 +434,13 @@ def prediction_agreement(a: nn.Module, b: nn.Module, x: Tensor, batch_size: int 
 
 
 def resolve_transfer_task(
-    name: str | None, source: Any, *, train_subset: int | None, seed: int
+    name: str | None, source: Any, *, train_subset: int | None, seed: int,
+    candidates: Sequence[str] = TRANSFER_CANDIDATES,
 ) -> tuple[Any, str, bool] | None:
-    """``(task data, description, is_fallback)`` for the transfer test, or None when skipped."""
+    """``(task data, description, is_fallback)`` for the transfer test, or None when skipped.
+
+    ``"auto"`` tries ``candidates`` in order (none for your own task: its labels permuted).
+    """
     from sane_hf.zoo.tasks import list_tasks, load_task
 
     if name is None:
@@ -377,7 +455,7 @@ def resolve_transfer_task(
             )
         return task, f"{name} ({size}x{size})", False
     installed = set(list_tasks(installed_only=True))
-    for candidate in TRANSFER_CANDIDATES:
+    for candidate in candidates:
         if candidate == source.name or candidate not in installed:
             continue
         task = load_task(candidate, image_size=size, train_subset=train_subset, seed=seed)
@@ -422,70 +500,135 @@ def save_samples(samples: Sequence[Any], out_dir: Path, metadata: Mapping[str, s
 
 @dataclass
 class SamplingSetup:
-    """What :func:`run_sampling` prepared: the task, an architecture builder, the prompts."""
+    """What :func:`run_sampling` prepared: the task, an architecture builder, the prompts.
+
+    ``task`` and ``build`` are None when the zoo names a task / architecture that is neither
+    registered nor an entry point (:mod:`sane_hf.zoo.custom`): samples can then still be drawn
+    and saved, but not scored or evaluated.
+    """
 
     task: Any
-    build: Callable[..., nn.Module]
+    build: Callable[..., nn.Module] | None
     prompts: list[dict[str, Any]]
     prompt_sds: list[dict[str, Tensor]]
     epoch: int
     activation: str
     param_keys: list[str]
-    bn_data: Tensor
+    bn_data: Tensor | None
+    selection: PromptSelection | None = None
+    score: str = "none"
+    notes: list[str] = field(default_factory=list)
 
     def load(self, state_dict: Mapping[str, Tensor], condition: bool = True, data: Tensor | None = None) -> nn.Module:
         """The architecture with ``state_dict`` loaded strictly, BatchNorm conditioned on ``data`` (default: train images)."""
+        if self.build is None:
+            raise ValueError("the zoo's architecture is unknown: import the zoo with --arch module:callable")
         net = self.build()
         net.load_state_dict(state_dict, strict=True)
         if condition and _has_batchnorm(net):
-            condition_batchnorm(net, self.bn_data if data is None else data)
+            bn = self.bn_data if data is None else data
+            if bn is not None:
+                condition_batchnorm(net, bn)
         return net.eval()
 
 
-def _setup(zoo: Any, zoo_config: Any, config: SamplingEvalConfig) -> SamplingSetup:
-    from sane_hf.zoo.architectures import create_model
+def _setup(
+    zoo: Any, zoo_config: Any, config: SamplingEvalConfig, *, build: Callable[..., nn.Module] | None = None,
+    task: Callable[[], Any] | None = None, need_task: bool = False,
+) -> SamplingSetup:
+    from sane_hf.zoo.architectures import list_architectures
+    from sane_hf.zoo.custom import architecture_builder, zoo_task
     from sane_hf.zoo.dataset import state_dict_from_bytes
-    from sane_hf.zoo.tasks import load_task
 
-    task = load_task(
-        zoo_config.task, image_size=zoo_config.image_size, train_subset=zoo_config.train_subset,
-        eval_subset=zoo_config.eval_subset, seed=zoo_config.seed,
+    user_arch = build is not None or bool(getattr(zoo_config, "arch_entrypoint", None))
+    # fail before any sampling: an unimportable entry point, a task the evaluation cannot load
+    task_data = zoo_task(zoo_config, required=need_task, task=task)
+    selection = choose_prompts(
+        zoo["test"], num_prompts=config.num_prompts, epoch=config.prompt_epoch, activation=config.activation,
+        uses_activation=not user_arch and zoo_config.arch in list_architectures(),
     )
-    rows, epoch, activation = select_prompts(
-        zoo["test"], num_prompts=config.num_prompts, epoch=config.prompt_epoch, activation=config.activation
-    )
+    activation = selection.activation
     if activation == "unknown":  # imported zoos: zoo_model's convention
         activation = "relu"
-    kwargs = {**zoo_config.model_kwargs(), "in_channels": task.in_channels, "image_size": task.image_size}
-
-    def build(num_classes: int | None = None, seed: int | None = None, init: str = "default") -> nn.Module:
-        model_kwargs = dict(kwargs)
-        if num_classes is not None:
-            model_kwargs["num_classes"] = num_classes
-        return create_model(zoo_config.arch, activation=activation, dropout=0.0, init=init, seed=seed, **model_kwargs)
-
-    reference = build()
-    param_keys = [k for k, _ in reference.named_parameters()]
-    prompt_sds = [state_dict_from_bytes(r["weights"]) for r in rows]
-    return SamplingSetup(task, build, rows, prompt_sds, epoch, activation, param_keys, task.x_train[: config.bn_samples])
+    builder = architecture_builder(zoo_config, activation=activation, build=build)
+    if builder is None and need_task:
+        raise ValueError(
+            f"the zoo's architecture {zoo_config.arch!r} is not registered and the zoo records no entry point: "
+            "import it with --arch module:callable (your function returning the nn.Module) to evaluate samples"
+        )
+    prompt_sds = [state_dict_from_bytes(r["weights"]) for r in selection.rows]
+    if builder is not None:
+        param_keys = [k for k, _ in builder().named_parameters()]
+    else:
+        param_keys = [k for k, v in prompt_sds[0].items() if v.is_floating_point() and "running_" not in k]
+    bn_data = task_data.x_train[: config.bn_samples] if task_data is not None else None
+    return SamplingSetup(task_data, builder, selection.rows, prompt_sds, selection.epoch, activation, param_keys,
+                         bn_data, selection)
 
 
 def run_sampling(
-    model: Any, tokenizer: Any, zoo: Any, zoo_config: Any, config: SamplingEvalConfig, *, progress: bool = False
+    model: Any, tokenizer: Any, zoo: Any, zoo_config: Any, config: SamplingEvalConfig, *, progress: bool = False,
+    build: Callable[..., nn.Module] | None = None, task: Callable[[], Any] | None = None, need_task: bool = False,
 ) -> tuple[SamplingSetup, list[Any]]:
-    """Prompts + :func:`sample_models` with the configured score; returns ``(setup, samples)``."""
-    setup = _setup(zoo, zoo_config, config)
+    """Prompts + :func:`sample_models` with the configured score; returns ``(setup, samples)``.
+
+    ``build``/``task``: your architecture and task callables (default: the zoo's, registered or
+    recorded as entry points). Without a known task or architecture ``score="train-acc"`` falls
+    back to no score (noted in ``setup.notes``); ``need_task=True`` makes that an error instead.
+    """
+    setup = _setup(zoo, zoo_config, config, build=build, task=task, need_task=need_task)
+    if len(setup.prompt_sds) < 2 and isinstance(config.bandwidth, str):
+        raise ValueError(
+            f"{setup.selection.explain() if setup.selection else '1 prompt'}: the {config.bandwidth!r} bandwidth "
+            "rule needs at least 2 prompts to measure their spread; pass --bandwidth NUMBER (a kernel std in latent "
+            "units), another --activation or --prompt-epoch, or import the zoo with a larger test fraction"
+        )
     score_fn = None
+    setup.score = config.score
     if config.score == "train-acc":
-        n = config.score_samples
-        score_fn = accuracy_score_fn(setup.build, setup.task.x_train[:n], setup.task.y_train[:n], setup.bn_data)
+        if setup.task is None or setup.build is None:
+            missing = "task" if setup.task is None else "architecture"
+            setup.score = "none"
+            setup.notes.append(
+                f"score 'train-acc' skipped: the zoo's {missing} is unknown (import with --{missing[:4]} "
+                "module:callable to score samples)"
+            )
+        else:
+            n = config.score_samples
+            score_fn = accuracy_score_fn(setup.build, setup.task.x_train[:n], setup.task.y_train[:n], setup.bn_data)
+    candidates = config.candidates if score_fn is not None else None
     samples = sample_models(
         model, tokenizer, setup.prompt_sds, config.num_samples, mode=config.mode, bandwidth=config.bandwidth,
-        bandwidth_scale=config.bandwidth_scale, score_fn=score_fn, bootstrap_rounds=config.bootstrap_rounds,
-        keep_top=config.keep_top, candidates=config.candidates, seed=config.seed, window=config.window,
-        halo=config.halo, batch_size=config.batch_size, progress=progress,
+        bandwidth_scale=config.bandwidth_scale, score_fn=score_fn,
+        bootstrap_rounds=config.bootstrap_rounds if score_fn is not None else 0,
+        keep_top=config.keep_top, candidates=candidates, seed=config.seed, window=config.window,
+        halo=config.halo, batch_size=config.batch_size, progress=progress, spread_anchors=config.spread_anchors,
     )
     return setup, samples
+
+
+def prompt_metrics(setup: SamplingSetup) -> dict[str, Any]:
+    """The prompts for ``metrics.json``: epoch, model ids, test accuracy, and how they were selected."""
+    selection = setup.selection
+    return {
+        "epoch": setup.epoch,
+        "model_ids": [int(r["model_id"]) for r in setup.prompts],
+        "test_acc": [float(r["test_acc"]) for r in setup.prompts],
+        "asked": selection.asked if selection else None,
+        "removed": selection.removed if selection else {},
+        "notes": (selection.notes if selection else []) + setup.notes,
+    }
+
+
+def diversity_metrics(setup: SamplingSetup, samples: Sequence[Any]) -> dict[str, Any]:
+    """:func:`~sane_hf.sampling.sample_diversity` over the setup's parameters, anchors as prompt model ids."""
+    from sane_hf.sampling import sample_diversity
+
+    out = sample_diversity(samples, setup.prompt_sds, keys=setup.param_keys)
+    hist = out.get("anchor_histogram")
+    if hist is not None:
+        out["anchor_histogram"] = {str(int(r["model_id"])): h for r, h in zip(setup.prompts, hist)}
+    return out
 
 
 def _curve(modules: Sequence[nn.Module], task: Any, epochs: Sequence[int], lr: float, seed: int) -> dict[str, Any]:
@@ -512,8 +655,14 @@ def evaluate_sampling(
     out_dir: str | Path | None = None,
     *,
     progress: bool = False,
+    build: Callable[..., nn.Module] | None = None,
+    task: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol of the module docstring; returns the metrics (also written to ``out_dir``)."""
+    """Run the protocol of the module docstring; returns the metrics (also written to ``out_dir``).
+
+    ``build``/``task``: your architecture and task callables, when the zoo does not record them
+    as entry points (:mod:`sane_hf.zoo.custom`). Nothing is written when a step fails.
+    """
     from sane_hf.alignment import permutation_spec
     from sane_hf.zoo.dataset import state_dict_from_bytes, zoo_model
     from sane_hf.zoo.train import evaluate_model
@@ -528,10 +677,14 @@ def evaluate_sampling(
         return now
 
     t = time.perf_counter()
-    setup, samples = run_sampling(model, tokenizer, zoo, zoo_config, config, progress=progress)
+    user_task = task is not None or bool(getattr(zoo_config, "task_entrypoint", None))
+    user_arch = build is not None or bool(getattr(zoo_config, "arch_entrypoint", None))
+    setup, samples = run_sampling(
+        model, tokenizer, zoo, zoo_config, config, progress=progress, build=build, task=task, need_task=True
+    )
     t = lap("sampling", t)
     task, build, keys = setup.task, setup.build, setup.param_keys
-    spec = permutation_spec(build())
+    spec = permutation_spec(build(), task.x_train[:2])
     sample_sds = [s.state_dict for s in samples]
     sample_nets = [setup.load(sd) for sd in sample_sds]
     prompt_nets = [setup.load(sd, condition=False) for sd in setup.prompt_sds]
@@ -572,9 +725,12 @@ def evaluate_sampling(
             return {"nearest_distance": _summary([]), "agreement": _summary([]), "neighbour_model_ids": [],
                     "param_norm": norms}
         dists, idx = nearest_neighbours(sds, neighbour_sds, spec, keys)
-        agree = [
-            prediction_agreement(net, zoo_model(zoo_config, neighbour_rows[j]), x_test) for net, j in zip(nets, idx)
-        ]
+        def neighbour_net(row: Mapping[str, Any]) -> nn.Module:
+            if user_arch:  # your architecture: built as the samples are
+                return setup.load(state_dict_from_bytes(row["weights"]), condition=False)
+            return zoo_model(zoo_config, row)
+
+        agree = [prediction_agreement(net, neighbour_net(neighbour_rows[j]), x_test) for net, j in zip(nets, idx)]
         return {
             "nearest_distance": _summary(dists),
             "agreement": _summary(agree),
@@ -610,7 +766,8 @@ def evaluate_sampling(
 
     transfer: dict[str, Any] | None = None
     resolved = resolve_transfer_task(
-        config.transfer_task, task, train_subset=config.transfer_train_subset, seed=config.seed
+        config.transfer_task, task, train_subset=config.transfer_train_subset, seed=config.seed,
+        candidates=() if user_task else TRANSFER_CANDIDATES,  # your task: its own labels permuted
     ) if config.transfer_task is not None else None
     if resolved is not None:
         ttask, description, fallback = resolved
@@ -646,13 +803,10 @@ def evaluate_sampling(
         "task": task.name,
         "arch": zoo_config.arch,
         "activation": setup.activation,
-        "prompts": {
-            "epoch": setup.epoch,
-            "model_ids": [int(r["model_id"]) for r in setup.prompts],
-            "test_acc": [float(r["test_acc"]) for r in setup.prompts],
-        },
+        "prompts": prompt_metrics(setup),
         "sampling": {
             "mode": config.mode,
+            "diversity": diversity_metrics(setup, samples),
             "bandwidth": samples[0].bandwidth if samples else None,
             "bandwidth_setting": config.bandwidth,
             "score": config.score,

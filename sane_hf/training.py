@@ -526,8 +526,24 @@ def _permutation_spec(zoo_config: ZooConfig | None) -> tuple[PermutationSpec | N
     from sane_hf.alignment import permutation_spec_for_arch
     from sane_hf.zoo.architectures import list_architectures
 
+    if getattr(zoo_config, "arch_entrypoint", None):  # the user's module: derived from its graph likewise
+        from sane_hf.alignment import permutation_spec
+        from sane_hf.zoo.custom import architecture_builder, zoo_task
+
+        try:
+            module = architecture_builder(zoo_config)()  # an unimportable entry point raises ValueError here
+        except ValueError as err:
+            raise ValueError(f"the zoo's architecture cannot be built: {err}") from err
+        try:
+            task = zoo_task(zoo_config)
+            example = task.x_train[:2] if task is not None else None
+            return permutation_spec(module, example), ""
+        except Exception as err:  # noqa: BLE001 - any failure just means "no permutation views"
+            return None, (f"deriving the permutation spec of {zoo_config.arch!r} from its module graph failed "
+                          f"({type(err).__name__}: {err})")
     if zoo_config.arch not in list_architectures():
-        return None, f"architecture {zoo_config.arch!r} is not in the registry (pass permutation_spec=...)"
+        return None, (f"architecture {zoo_config.arch!r} is not in the registry (import the zoo with "
+                      "--arch module:callable, or pass permutation_spec=...)")
     try:
         return permutation_spec_for_arch(zoo_config.arch, **zoo_config.model_kwargs()), ""
     except Exception as err:  # noqa: BLE001 - any failure just means "no permutation views"

@@ -109,9 +109,48 @@ def test_subsampling_keeps_the_best_candidates(sane, tok, prompts):
         seen.append(value)
         return value
 
-    out = sample_models(sane, tok, prompts, 3, candidates=10, score_fn=score_fn, seed=1)
+    out = sample_models(sane, tok, prompts, 3, candidates=10, score_fn=score_fn, seed=1, spread_anchors=False)
     assert len(seen) == 10
     assert [s.score for s in out] == sorted(seen, reverse=True)[:3]
+
+
+def test_subsampling_spreads_samples_over_the_prompts(sane, tok, prompts):
+    """Default: each prompt's best candidate before any prompt's second best; draws balanced over anchors."""
+    by_anchor: dict[int, list[float]] = {}
+
+    def score_fn(sd):  # favours one prompt's neighbourhood heavily: the global top 4 would all share it
+        return float(sd["fc2.bias"].sum())
+
+    out = sample_models(sane, tok, prompts, 4, candidates=12, score_fn=score_fn, seed=1, return_latents=True)
+    assert sorted(s.anchor_index for s in out) == [0, 1, 2, 3]  # one sample per prompt
+    assert [s.score for s in out] == sorted((s.score for s in out), reverse=True)
+    # the draws: 12 candidates over 4 anchors = 3 each (balanced), and each kept sample is its anchor's best
+    kde = LatentKDE(np.zeros((4, 2, 2)), "joint", bandwidth=1.0)
+    idx = kde.sample_indices(10, np.random.default_rng(0))
+    assert sorted(np.bincount(idx, minlength=4).tolist()) == [2, 2, 3, 3]
+    allc = sample_models(sane, tok, prompts, 12, candidates=12, score_fn=score_fn, seed=1, spread_anchors=False)
+    for s in allc:
+        by_anchor.setdefault(s.anchor_index, []).append(s.score)
+    assert sorted(len(v) for v in by_anchor.values()) == [3, 3, 3, 3]
+    assert {s.anchor_index: s.score for s in out} == {a: max(v) for a, v in by_anchor.items()}
+
+
+def test_sample_diversity_reports_distances_and_anchor_histogram(sane, tok, prompts):
+    from sane_hf.sampling import sample_diversity
+
+    a = {"w": torch.zeros(2, 2)}
+    b = {"w": torch.tensor([[3.0, 0.0], [0.0, 4.0]])}  # distance 5 from a
+    c = {"w": torch.tensor([[3.0, 0.0], [0.0, 4.0]]) * 2}  # 10 from a, 5 from b
+    div = sample_diversity([a, b], [a, b, c])
+    assert div["samples_mean_pairwise_distance"] == pytest.approx(5.0)
+    assert div["prompts_mean_pairwise_distance"] == pytest.approx(20.0 / 3)
+    assert div["ratio"] == pytest.approx(0.75) and div["anchor_histogram"] is None
+    out = sample_models(sane, tok, prompts, 8, seed=0)
+    div = sample_diversity(out, prompts)
+    assert div["anchor_histogram"] == [2, 2, 2, 2] and div["anchors_used"] == 4
+    # floor, measured on these 4 random-init cnn-s prompts with an untrained tiny SANE (ratio ≈ 0.6–0.7 here):
+    # balanced anchors keep samples apart; collapsed samples would sit near 0
+    assert div["ratio"] > 0.3
 
 
 def test_bootstrap_returns_best_of_all_rounds(sane, tok, prompts):
@@ -122,10 +161,10 @@ def test_bootstrap_returns_best_of_all_rounds(sane, tok, prompts):
         scores.append(value)
         return value
 
-    round0 = sample_models(sane, tok, prompts, 3, candidates=6, score_fn=score_fn, seed=3)
+    round0 = sample_models(sane, tok, prompts, 3, candidates=6, score_fn=score_fn, seed=3, spread_anchors=False)
     scores.clear()
     boot = sample_models(sane, tok, prompts, 3, candidates=6, score_fn=score_fn, seed=3, bootstrap_rounds=2,
-                         keep_top=2)
+                         keep_top=2, spread_anchors=False)
     assert len(scores) == 18
     got = [s.score for s in boot]
     assert got == sorted(got, reverse=True) == sorted(scores, reverse=True)[:3]

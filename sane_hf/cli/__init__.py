@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main", "build_parser", "SUBCOMMAND_MODULES"]
+__all__ = ["main", "build_parser", "SUBCOMMAND_MODULES", "silence_library_progress_bars", "restore_library_progress_bars"]
 
 # order = order in `sane-hf --help`
 SUBCOMMAND_MODULES = ("zoo", "train", "probe", "sample", "push", "quickstart")
@@ -34,13 +34,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def silence_library_progress_bars() -> dict[str, bool]:
+    """Turn off the progress bars of datasets ("Generating … split", "Map"), transformers ("Loading
+    weights") and huggingface_hub (downloads): ``--no-progress`` means none at all. Returns which were
+    on, for :func:`restore_library_progress_bars`."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    state = {
+        "datasets": datasets.is_progress_bar_enabled(),
+        "transformers": transformers.utils.logging.is_progress_bar_enabled(),
+        "huggingface_hub": not huggingface_hub.utils.are_progress_bars_disabled(),
+    }
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    return state
+
+
+def restore_library_progress_bars(state: dict[str, bool]) -> None:
+    """Switch back on the bars that :func:`silence_library_progress_bars` found on."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    if state.get("datasets"):
+        datasets.enable_progress_bars()
+    if state.get("transformers"):
+        transformers.utils.logging.enable_progress_bar()
+    if state.get("huggingface_hub"):
+        huggingface_hub.utils.enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    result = args.func(args)
+    quiet = bool(getattr(args, "no_progress", False)) or getattr(args, "progress", True) is False
+    state = silence_library_progress_bars() if quiet else {}
+    try:
+        result = args.func(args)
+    finally:  # main() is also called in-process (tests, notebooks): leave the libraries as found
+        restore_library_progress_bars(state)
     return int(result or 0)
 
 

@@ -53,6 +53,15 @@ def _bandwidth(text: str) -> float | str:
     return value
 
 
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "1", "on"):
+        return True
+    if value in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.evaluation import SamplingEvalConfig
     from sane_hf.sampling import SAMPLING_MODES
@@ -83,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bandwidth": {"type": _bandwidth},
         "mode": {"choices": SAMPLING_MODES},
         "score": {"choices": ("train-acc", "none")},
+        "spread_anchors": {"type": _yes_no, "metavar": "{yes,no}"},
     }
     defaults = SamplingEvalConfig()
     for f in dataclasses.fields(SamplingEvalConfig):
@@ -129,6 +139,9 @@ def format_report(metrics: dict[str, Any]) -> str:
             if name in novelty:
                 lines.append(f"  {name.ljust(22)} distance {_fmt(novelty[name]['nearest_distance'])}   "
                              f"agreement {_fmt(novelty[name]['agreement'])}")
+    diversity = format_diversity(metrics)
+    if diversity:
+        lines.append(diversity)
     transfer = metrics.get("transfer")
     if transfer:
         last = str(transfer["epochs"])
@@ -152,14 +165,62 @@ def _load_zoo_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _write_plain(out: Path, setup: Any, samples: list[Any], zoo_config: Any, config: Any, start: float) -> dict:
+    """Samples without --evaluate: the state_dicts, and each one's test accuracy when the task is known."""
+    from sane_hf.evaluation import diversity_metrics, prompt_metrics, save_samples
+    from sane_hf.zoo.train import evaluate_model
+
+    rows = []
+    for s in samples:
+        row = {"score": s.score, "anchor_model_id": int(setup.prompts[s.anchor_index]["model_id"]), "round": s.round}
+        if setup.build is not None:
+            net = setup.load(s.state_dict)  # loads strictly: a sample that does not fit fails here, before writing
+            if setup.task is not None:
+                row["test_acc"] = evaluate_model(net, setup.task, "test")[0]
+        rows.append(row)
+    task_name = setup.task.name if setup.task is not None else zoo_config.task
+    out.mkdir(parents=True, exist_ok=True)
+    files = save_samples(samples, out, {"arch": zoo_config.arch, "activation": setup.activation, "task": task_name})
+    for name, row in zip(files, rows):
+        row["file"] = name
+    metrics = {
+        "task": task_name, "arch": zoo_config.arch, "activation": setup.activation,
+        "prompts": prompt_metrics(setup), "score": setup.score,
+        "samples": [{"file": r.pop("file"), **r} for r in rows],
+        "diversity": diversity_metrics(setup, samples),
+        "bandwidth": samples[0].bandwidth, "config": config.to_dict(),
+        "files": ["metrics.json", *files], "seconds": round(time.perf_counter() - start, 2),
+    }
+    from sane_hf.serialization import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def format_diversity(metrics: dict[str, Any]) -> str:
+    """Two lines: samples' mean pairwise distance beside the prompts', and the anchor histogram."""
+    div = metrics.get("diversity") or (metrics.get("sampling") or {}).get("diversity")
+    if not div:
+        return ""
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [f"diversity: mean pairwise distance of samples {f(div['samples_mean_pairwise_distance'])} vs prompts "
+             f"{f(div['prompts_mean_pairwise_distance'])} (ratio {f(div['ratio'])}; not aligned)"]
+    if div.get("anchor_histogram"):
+        hist = ", ".join(f"model {k}: {v}" for k, v in div["anchor_histogram"].items())
+        lines.append(f"samples per prompt (anchor histogram): {hist}")
+    return "\n".join(lines)
+
+
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from sane_hf.evaluation import evaluate_sampling, run_sampling, save_samples
+    from sane_hf.evaluation import evaluate_sampling, run_sampling
     from sane_hf.modeling_sane import SaneModel
     from sane_hf.tokenization_sane import WeightTokenizer
     from sane_hf.zoo.dataset import load_zoo
-    from sane_hf.zoo.train import evaluate_model
 
     start = time.perf_counter()
     model_dir = Path(args.model)
@@ -183,8 +244,7 @@ def run_sample(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise SystemExit(f"sane-hf sample: {err}") from err
     zoo_config = _load_zoo_config(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created only once the samples exist: nothing is left behind on failure
     progress = not args.no_progress
 
     try:
@@ -195,27 +255,18 @@ def run_sample(args: argparse.Namespace) -> int:
             print(format_report(metrics))
         else:
             setup, samples = run_sampling(model, tokenizer, zoo, zoo_config, config, progress=progress)
-            files = save_samples(
-                samples, out, {"arch": zoo_config.arch, "activation": setup.activation, "task": setup.task.name}
-            )
-            rows = []
-            for name, s in zip(files, samples):
-                net = setup.load(s.state_dict)
-                rows.append({
-                    "file": name, "score": s.score, "test_acc": evaluate_model(net, setup.task, "test")[0],
-                    "anchor_model_id": int(setup.prompts[s.anchor_index]["model_id"]), "round": s.round,
-                })
-            metrics = {
-                "task": setup.task.name, "arch": zoo_config.arch, "activation": setup.activation,
-                "prompts": {"epoch": setup.epoch, "model_ids": [int(r["model_id"]) for r in setup.prompts],
-                            "test_acc": [float(r["test_acc"]) for r in setup.prompts]},
-                "samples": rows, "bandwidth": samples[0].bandwidth, "config": config.to_dict(),
-                "files": ["metrics.json", *files], "seconds": round(time.perf_counter() - start, 2),
-            }
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            accs = [r["test_acc"] for r in rows]
-            print(f"{len(rows)} samples, test accuracy (no fine-tuning) mean {sum(accs) / len(accs):.3f}, "
-                  f"best {max(accs):.3f}; prompts mean {sum(metrics['prompts']['test_acc']) / len(setup.prompts):.3f}")
+            metrics = _write_plain(out, setup, samples, zoo_config, config, start)
+            accs = [r["test_acc"] for r in metrics["samples"] if "test_acc" in r]
+            prompt_accs = [a for a in metrics["prompts"]["test_acc"] if a == a]
+            if accs:
+                mean_prompts = f"{sum(prompt_accs) / len(prompt_accs):.3f}" if prompt_accs else "n/a"
+                print(f"{len(accs)} samples, test accuracy (no fine-tuning) mean {sum(accs) / len(accs):.3f}, "
+                      f"best {max(accs):.3f}; prompts mean {mean_prompts}")
+            else:
+                print(f"{len(samples)} samples (not evaluated: the zoo's task is unknown)")
+            print(format_diversity(metrics))
+        for note in metrics["prompts"].get("notes", []):
+            print(f"note: {note}")
     except ValueError as err:
         raise SystemExit(f"sane-hf sample: {err}") from err
     print(f"wrote {len(list(out.glob('sample_*.safetensors')))} samples and metrics.json to {out}")

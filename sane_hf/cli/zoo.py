@@ -97,10 +97,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert an existing population (folder, Model Zoos, Unterthiner) into a zoo dataset",
         description=(
             "Convert checkpoints into the zoo dataset layout. Formats: 'folder' (*.safetensors / *.pt / *.pth "
-            "+ optional properties.csv|json keyed by file stem), 'modelzoos' (Schürholt et al. 2022 trial "
-            "folders with params.json, result.json, checkpoint_<epoch>/checkpoints), 'unterthiner' "
-            "(Unterthiner et al. 2020: weights.npy, metrics.csv, layout.csv). Torch files are read with "
-            "weights_only=True. An interrupted import resumes when rerun."
+            "anywhere below SRC, e.g. model_003/epoch_05.safetensors, + optional SRC/properties.csv|json with "
+            "one row per checkpoint keyed by a 'path' column relative to SRC (model_003/epoch_05.safetensors; "
+            "'file'/'name'/'stem' = the file name also accepted); model and epoch come from model_id/epoch "
+            "columns, else from the layout (folder = model, epoch_YY in the file name = epoch)), 'modelzoos' "
+            "(Schürholt et al. 2022 trial folders with params.json, result.json, checkpoint_<epoch>/checkpoints), "
+            "'unterthiner' (Unterthiner et al. 2020: weights.npy, metrics.csv, layout.csv). Your own "
+            "architecture and task: --arch module:callable --task module:callable (or path/to/file.py:callable); "
+            "this IMPORTS AND RUNS YOUR CODE, and records both in zoo_config.json for train, probe and sample. "
+            "Torch files are read with weights_only=True. An interrupted import resumes when rerun."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -109,10 +114,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="layout of SRC")
     imp.add_argument("--out", required=True, type=Path, help="output zoo folder")
     imp.add_argument("--arch", default=None,
-                     help="architecture name stored in the rows (default: from the source, else 'unknown')")
-    imp.add_argument("--task", default=None, help="task name stored in the rows (default: from the source, else 'unknown')")
+                     help="a registered architecture, or YOUR architecture as module:callable or path/to/file.py:callable "
+                          "(a function returning the nn.Module; every checkpoint must load into it strictly; this "
+                          "imports your code), or a free name (default: from the source, else 'unknown')")
+    imp.add_argument("--task", default=None,
+                     help="a registered task, or YOUR task as module:callable or path/to/file.py:callable (a function "
+                          "returning x_train, y_train, x_test, y_test tensors; this imports your code), or a free name "
+                          "(default: from the source, else 'unknown')")
     imp.add_argument("--properties", type=Path, default=None,
-                     help="folder format: properties file (default: SRC/properties.csv or .json)")
+                     help="folder format: properties file, one row per checkpoint keyed by a 'path' column relative "
+                          "to SRC ('file'/'name'/'stem' also accepted) (default: SRC/properties.csv or .json)")
+    imp.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                     help="folder format: find checkpoints in subfolders too (--no-recursive: top level only)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the split by model")
     imp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                      default=[0.7, 0.15, 0.15], help="fractions of models in train/validation/test")
@@ -194,6 +207,10 @@ def run_import(args: argparse.Namespace) -> int:
         if args.fmt != "folder":
             raise SystemExit("sane-hf zoo import: --properties applies to --format folder only")
         kwargs["properties"] = args.properties
+    if args.fmt == "folder":
+        kwargs["recursive"] = args.recursive
+    elif not args.recursive:
+        raise SystemExit("sane-hf zoo import: --no-recursive applies to --format folder only")
     start = time.perf_counter()
     try:
         import_zoo(args.fmt, args.src, args.out, **kwargs)

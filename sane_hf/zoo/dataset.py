@@ -204,6 +204,20 @@ class ZooConfig(JsonConfigMixin):
     import_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Source folder and options of an imported zoo (set by importers)."}
     )
+    arch_entrypoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Your architecture, 'module:callable' or '/abs/path/file.py:callable' returning the nn.Module "
+            "(imported zoos; see sane_hf.zoo.custom). This imports and runs that code."
+        },
+    )
+    task_entrypoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Your task, 'module:callable' or '/abs/path/file.py:callable' returning (x_train, y_train, "
+            "x_test, y_test) (imported zoos; see sane_hf.zoo.custom). This imports and runs that code."
+        },
+    )
     description: str = field(default="", metadata={"help": "Free text added to the dataset card."})
 
     # fields that change neither the rows nor their order (ignored when resuming)
@@ -280,9 +294,14 @@ class ZooConfig(JsonConfigMixin):
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``create_model`` shared by every model of the zoo."""
         if self.in_channels is None or self.num_classes is None or self.image_size is None:
-            from sane_hf.zoo.tasks import load_task
+            if self.task_entrypoint:  # the user's task (sane_hf.zoo.custom)
+                from sane_hf.zoo.custom import zoo_task
 
-            task = load_task(self.task, image_size=self.image_size, train_subset=1, seed=self.seed)
+                task = zoo_task(self, required=True)
+            else:
+                from sane_hf.zoo.tasks import load_task
+
+                task = load_task(self.task, image_size=self.image_size, train_subset=1, seed=self.seed)
             in_channels, num_classes, image_size = task.in_channels, task.num_classes, task.image_size
         else:
             in_channels, num_classes, image_size = self.in_channels, self.num_classes, self.image_size
@@ -1601,11 +1620,18 @@ def zoo_model(config: ZooConfig, row: Mapping[str, Any]) -> nn.Module:
     """The architecture instance for a zoo ``row`` (its activation and dropout), weights loaded strictly."""
     from sane_hf.zoo.architectures import create_model, list_architectures
 
+    if config.arch_entrypoint:  # the user's architecture (sane_hf.zoo.custom)
+        from sane_hf.zoo.custom import architecture_builder
+
+        module = architecture_builder(config)()
+        module.load_state_dict(state_dict_from_bytes(row["weights"]), strict=True)
+        return module.eval()
     arch = row.get("arch", config.arch)
     if arch not in list_architectures():
         raise ValueError(
             f"architecture {arch!r} of this zoo is not in the registry {list_architectures()}; "
-            "use state_dict_from_bytes(row['weights']) with your own module"
+            "import the zoo with --arch module:callable (your function returning the nn.Module), or use "
+            "state_dict_from_bytes(row['weights']) with your own module"
         )
     dropout = row.get("dropout", 0.0)
     dropout = 0.0 if dropout is None or not math.isfinite(float(dropout)) else float(dropout)

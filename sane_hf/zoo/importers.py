@@ -19,12 +19,23 @@ Importing resumes: each model is converted into ``out_dir/.partial/model-XXXXXX.
 Formats
 -------
 ``folder`` (:func:`import_folder`)
-    A folder of checkpoint files (one checkpoint each) and an optional ``properties.csv`` or
-    ``properties.json`` keyed by file stem (CSV: a ``file``/``name``/``stem`` column; JSON: an
-    object ``{stem: {column: value}}`` or a list of records with a ``file`` key). Columns named
-    like zoo columns (``test_acc``, ``epoch``, ``lr``, ``model_id``, ...) are used, others are
-    ignored. Without a ``model_id`` column every file is its own model; without ``epoch`` the
-    epoch is ``-1`` (unknown). All files must share one architecture (keys and shapes).
+    Checkpoint files (one checkpoint each) anywhere below the folder (e.g.
+    ``model_003/epoch_05.safetensors``; ``recursive=False`` reads the top level only) and an
+    optional ``properties.csv`` or ``properties.json`` with one row per checkpoint, keyed by a
+    ``path`` column relative to the folder (``model_003/epoch_05.safetensors``, suffix optional;
+    ``file``/``name``/``stem`` columns, the file name, are still accepted where names are unique;
+    JSON: an object ``{path: {column: value}}`` or a list of records). Columns named like zoo
+    columns (``test_acc``, ``epoch``, ``lr``, ``model_id``, ...) are used, others are ignored.
+    Model and epoch come from the ``model_id`` (or ``model``) and ``epoch`` columns, else from
+    the layout: a file name ending in ``epoch_5``/``ep5``/``checkpoint-5``/``step_5`` is epoch 5
+    of the model named by its folder (plus the name's prefix); other files are their own model
+    with epoch ``-1`` (unknown). Rows naming no file or the same file twice, two files for one
+    (model, epoch), and mixed architectures are errors that name them.
+
+Every format takes ``arch="module:callable"`` / ``task="module:callable"`` (or ``build=``/``task=``
+callables) for your own architecture and task (:mod:`sane_hf.zoo.custom`): the importer then
+checks that every checkpoint loads strictly into your module and records both in
+``zoo_config.json`` for ``train``, ``probe`` and ``sample``. This imports your code.
 ``modelzoos`` (:func:`import_modelzoos`)
     The Model Zoos layout (Schürholt et al. 2022): one folder per trained model (found anywhere
     below ``src`` by its ``params.json``) with ``params.json`` (flat ``"group::name"`` keys or
@@ -199,6 +210,114 @@ def _describe_difference(a: Sequence[tuple[str, tuple[int, ...]]], b: Sequence[t
 
 
 # ---------------------------------------------------------------------------------------------
+# the user's architecture and task (sane_hf.zoo.custom)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _UserCode:
+    """The resolved ``arch``/``task`` of an import and the module every checkpoint must load into."""
+
+    arch: str
+    arch_entrypoint: str | None
+    build: Callable[..., torch.nn.Module] | None
+    task: str
+    task_entrypoint: str | None
+    reference: dict[str, tuple[int, ...]] | None = None  # {key: shape} of the architecture's state_dict
+    module: torch.nn.Module | None = None
+    checked: bool = False
+
+    def check(self, sd: Mapping[str, torch.Tensor], where: str) -> None:
+        """Raise when ``sd`` does not load strictly into the architecture (names the differing keys)."""
+        if self.reference is None:
+            return
+        from sane_hf.zoo.custom import state_dict_difference
+
+        diff = state_dict_difference(self.reference, sd)
+        if not diff and not self.checked and self.module is not None:
+            try:  # once for real: a module may override load_state_dict
+                self.module.load_state_dict(sd, strict=True)
+            except RuntimeError as err:
+                diff = " ".join(str(err).split())
+            self.checked = True
+        if diff:
+            raise ValueError(
+                f"{where} does not fit --arch {self.arch!r} (load_state_dict(strict=True)): {diff}; "
+                "pass the architecture these checkpoints were saved from"
+            )
+
+
+def _resolve_user_code(
+    arch: str | None, build: Callable[..., torch.nn.Module] | None, task: str | Callable[[], Any] | None,
+    *, default_arch: str = "unknown", default_task: str = "unknown", seed: int = 0,
+) -> _UserCode:
+    """Names, entry points and the reference module for ``arch``/``build``/``task`` (see sane_hf.zoo.custom)."""
+    from sane_hf.zoo.architectures import create_model, list_architectures
+    from sane_hf.zoo.custom import (
+        entrypoint_name,
+        entrypoint_of,
+        is_entrypoint,
+        normalize_entrypoint,
+        resolve_entrypoint,
+        task_from_callable,
+    )
+    from sane_hf.zoo.tasks import list_tasks, load_task
+
+    arch_entry = None
+    if build is not None:
+        if not callable(build):
+            raise TypeError(f"build must be a callable returning the nn.Module, got {type(build).__name__}")
+        arch_entry = entrypoint_of(build)
+        if arch_entry is None:
+            warnings.warn(
+                f"build={getattr(build, '__qualname__', build)!r} has no import path (defined in __main__ or a "
+                "lambda): the zoo config cannot record it, so pass build= again to train/sample from Python, or "
+                "define it in a module and import with --arch module:callable",
+                stacklevel=3,
+            )
+        name = arch if arch not in (None, "unknown") else (
+            entrypoint_name(arch_entry) if arch_entry else getattr(build, "__name__", "custom"))
+    elif arch is not None and is_entrypoint(arch) and arch not in list_architectures():
+        build = resolve_entrypoint(arch, "--arch")
+        arch_entry, name = normalize_entrypoint(arch), entrypoint_name(arch)
+    else:
+        name = arch if arch is not None else default_arch
+
+    task_fn, task_entry, task_data = None, None, None
+    if callable(task):
+        task_fn, task_entry = task, entrypoint_of(task)
+        if task_entry is None:
+            warnings.warn(
+                f"task={getattr(task, '__qualname__', task)!r} has no import path: the zoo config cannot record "
+                "it, so pass task= again to sample from Python, or use --task module:callable",
+                stacklevel=3,
+            )
+        task_name = entrypoint_name(task_entry) if task_entry else getattr(task, "__name__", "custom")
+    elif task is not None and is_entrypoint(task) and task not in list_tasks():
+        task_fn = resolve_entrypoint(task, "--task")
+        task_entry, task_name = normalize_entrypoint(task), entrypoint_name(task)
+    else:
+        task_name = task if task is not None else default_task
+    if task_fn is not None:  # fail now, not at sampling time
+        task_data = task_from_callable(task_fn, task_name, seed=seed)
+
+    code = _UserCode(name, arch_entry, build, task_name, task_entry)
+    module = None
+    if build is not None:
+        from sane_hf.zoo.custom import _call_builder
+
+        module = _call_builder(build, {}, f"--arch {name!r}")
+    elif name in list_architectures() and (task_data is not None or task_name in list_tasks(installed_only=True)):
+        data = task_data or load_task(task_name, train_subset=1, eval_subset=1)
+        module = create_model(name, in_channels=data.in_channels, image_size=data.image_size,
+                              num_classes=data.num_classes, init="default")
+    if module is not None:
+        code.module = module
+        code.reference = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
 # the shared driver
 # ---------------------------------------------------------------------------------------------
 
@@ -256,6 +375,7 @@ def _run_import(
     progress: bool,
     cache_dir: str | None,
     notes: Sequence[str] = (),
+    user: _UserCode | None = None,
 ) -> DatasetDict:
     from tqdm.auto import tqdm
 
@@ -269,6 +389,8 @@ def _run_import(
     # the model list is part of the identity: a changed source is not resumed into old part files
     fingerprint = hashlib.sha1("\n".join(u.source for u in todo_units).encode()).hexdigest()[:16]
     options = {"src": str(src.resolve()), **options, "num_models": len(todo_units), "sources_sha1": fingerprint}
+    user = user or _UserCode(arch, None, None, task, None)
+    arch, task = user.arch, user.task
     identity = {
         "source": f"import:{fmt}",
         "import_options": options,
@@ -276,6 +398,8 @@ def _run_import(
         "split_fractions": list(split_fractions),
         "arch": arch,
         "task": task,
+        "arch_entrypoint": user.arch_entrypoint,
+        "task_entrypoint": user.task_entrypoint,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if _prepare_out_dir(out_dir, identity, overwrite, f"import --format {fmt}"):
@@ -289,6 +413,7 @@ def _run_import(
         rows, dropped, missing = [], [], Counter()
         for values in unit.convert():
             sd = values.pop("state_dict")
+            user.check(sd, unit.source)
             values["model_id"] = unit.model_id
             if values.get("arch") in (None, "unknown"):
                 values["arch"] = arch
@@ -335,6 +460,8 @@ def _run_import(
         split_fractions=tuple(split_fractions),
         source=f"import:{fmt}",
         import_options=options,
+        arch_entrypoint=user.arch_entrypoint,
+        task_entrypoint=user.task_entrypoint,
     )
     sources = [u.source for u in sorted(todo_units, key=lambda u: u.model_id)]
     _assemble(
@@ -358,27 +485,113 @@ def _run_import(
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_properties(path: Path) -> dict[str, dict[str, Any]]:
-    """``{stem: {column: value}}`` from properties.csv / properties.json."""
+_EPOCH_IN_NAME = re.compile(r"(?i)(?:^|[_\-.])(?:epoch|ep|checkpoint|ckpt|step|iter)[_\-=]?(\d+)$")
+_KEY_COLUMNS = ("path", "file", "filename", "name", "stem")
+
+
+def _natural_key(text: str) -> list[Any]:
+    """Sort key that orders ``model_2`` before ``model_10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in CHECKPOINT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _layout_of(rel: str) -> tuple[str, int | None]:
+    """``(model name, epoch or None)`` read from a checkpoint's relative path.
+
+    ``model_003/epoch_05.safetensors`` → ``("model_003", 5)``; ``net3_ep2.pt`` → ``("net3", 2)``;
+    ``runs/a/final.pt`` → ``("runs/a/final", None)`` (no epoch in the name: the file is its own model).
+    """
+    path = Path(rel)
+    stem = _strip_suffix(path.name)
+    m = _EPOCH_IN_NAME.search(stem)
+    parent = path.parent.as_posix()
+    if m is None:
+        return _strip_suffix(rel), None
+    prefix = stem[: m.start()].rstrip("_-.")
+    if parent in ("", "."):
+        return (prefix or stem), int(m.group(1))
+    return (f"{parent}/{prefix}" if prefix else parent), int(m.group(1))
+
+
+def _read_properties(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """``[(key column, key, record)]`` from properties.csv / properties.json, in file order.
+
+    The key names the checkpoint: ``path`` (relative to the source folder, with or without the
+    file suffix), else ``file``/``filename``/``name``/``stem`` (the file name or its stem).
+    """
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, Mapping):
-            return {str(Path(str(k)).stem) if "." in str(k) else str(k): dict(v) for k, v in data.items()}
+            return [("path" if "/" in str(k) else "file", str(k), dict(v)) for k, v in data.items()]
         records = data
     else:
         with open(path, newline="") as fh:
             records = list(csv.DictReader(fh))
-    out: dict[str, dict[str, Any]] = {}
+    out = []
     for i, rec in enumerate(records):
-        key = next((rec[k] for k in ("file", "filename", "name", "stem") if rec.get(k) not in (None, "")), None)
-        if key is None:
-            raise ValueError(f"{path}: record {i} has no 'file' (or 'name'/'stem') entry naming its checkpoint")
-        stem = str(key)
-        for suffix in CHECKPOINT_SUFFIXES:
-            if stem.endswith(suffix):
-                stem = stem[: -len(suffix)]
-        out[stem] = dict(rec)
+        col = next((k for k in _KEY_COLUMNS if rec.get(k) not in (None, "")), None)
+        if col is None:
+            raise ValueError(
+                f"{path}: record {i} has no 'path' entry naming its checkpoint (relative to the source folder, e.g. "
+                "model_003/epoch_05.safetensors; 'file'/'name'/'stem' also accepted)"
+            )
+        out.append((col, str(rec[col]).strip().replace("\\", "/").removeprefix("./"), dict(rec)))
     return out
+
+
+def _match_properties(
+    entries: list[tuple[str, str, dict[str, Any]]], rels: Sequence[str], properties: Path
+) -> dict[str, dict[str, Any]]:
+    """``{relative path: record}``; every record must name exactly one file and no file two records."""
+    by_path = {r: r for r in rels}
+    by_path.update({_strip_suffix(r): r for r in rels})
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for r in rels:
+        name = r.rsplit("/", 1)[-1]
+        by_name[name].append(r)
+        if _strip_suffix(name) != name:
+            by_name[_strip_suffix(name)].append(r)
+    matched: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    unmatched, ambiguous, duplicates = [], [], []
+    for col, key, rec in entries:
+        if col == "path":
+            rel = by_path.get(key) or by_path.get(_strip_suffix(key))
+            candidates = [rel] if rel else []
+        else:
+            candidates = by_name.get(key) or by_name.get(_strip_suffix(key)) or []
+            candidates = sorted(set(candidates))
+        if not candidates:
+            unmatched.append(key)
+            continue
+        if len(candidates) > 1:
+            ambiguous.append(f"{key} ({', '.join(candidates[:3])}{' …' if len(candidates) > 3 else ''})")
+            continue
+        rel = candidates[0]
+        if rel in matched:
+            duplicates.append(f"{origin[rel]!r} and {key!r} → {rel}")
+            continue
+        matched[rel], origin[rel] = rec, key
+    if unmatched:
+        raise ValueError(
+            f"{properties.name}: {len(unmatched)} row(s) name no checkpoint file: {unmatched[:10]}"
+            f"{' …' if len(unmatched) > 10 else ''}; keys are paths relative to the source folder "
+            f"(e.g. {rels[0]!r}): fix or remove those rows"
+        )
+    if ambiguous:
+        raise ValueError(
+            f"{properties.name}: file names match several checkpoints in subfolders: {ambiguous[:5]}; "
+            "key the rows by a 'path' column relative to the source folder instead"
+        )
+    if duplicates:
+        raise ValueError(f"{properties.name}: several rows name the same checkpoint: {duplicates[:5]}; keep one row per file")
+    return matched
 
 
 def import_folder(
@@ -387,7 +600,9 @@ def import_folder(
     *,
     properties: str | os.PathLike | None = None,
     arch: str = "unknown",
-    task: str = "unknown",
+    task: str | Callable[[], Any] = "unknown",
+    build: Callable[..., torch.nn.Module] | None = None,
+    recursive: bool = True,
     seed: int = 0,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
     overwrite: bool = False,
@@ -396,39 +611,66 @@ def import_folder(
 ) -> DatasetDict:
     """Import a folder of checkpoints (``*.safetensors``, ``*.pt``, ``*.pth``) as a zoo.
 
+    Layout: checkpoints anywhere below ``src`` (``recursive=True``), e.g.
+    ``model_003/epoch_05.safetensors``. Each checkpoint's model and epoch come from the
+    properties' ``model_id``/``model`` and ``epoch`` columns, else from its path: a file name ending
+    in ``epoch_5``/``ep5``/``checkpoint-5``/``step_5`` is epoch 5 of the model named by the rest
+    of its path (its folder, plus the name's prefix if any); any other file is its own model with
+    epoch -1 (unknown).
+
+    Properties: ``src/properties.csv`` (or ``.json``), one row per checkpoint, keyed by a ``path``
+    column relative to ``src`` (``model_003/epoch_05.safetensors``; the suffix may be left out);
+    ``file``/``name``/``stem`` columns (the file name) are still accepted where names are unique.
+    Columns named like zoo columns (``test_acc``, ``epoch``, ``lr``, ``model_id``, ...) are used,
+    others ignored. A row that names no file, names a file twice, or is ambiguous is an error.
+
     Args:
-        src: the folder (top level only).
+        src: the folder.
         out_dir: the zoo folder to write.
         properties: a properties file; default ``src/properties.csv`` or ``src/properties.json`` if present.
-        arch, task: names stored in every row (unless the properties give ``arch``/``task``).
+        arch: a registered architecture, your ``"module:callable"`` / ``"file.py:callable"``
+            returning the ``nn.Module`` (see :mod:`sane_hf.zoo.custom`; this imports your code), or
+            a free name. With a callable (or a registered name and a known task) every checkpoint
+            must load into it strictly.
+        task: a registered task, your ``"module:callable"`` returning
+            ``(x_train, y_train, x_test, y_test)``, the callable itself, or a free name.
+        build: the architecture callable itself (instead of ``arch="module:callable"``).
+        recursive: look into subfolders (default); False: top-level files only.
         seed, split_fractions: the split by model.
         overwrite: replace whatever ``out_dir`` holds.
 
     Raises:
-        ValueError: files of different architectures (the message names them), or no checkpoints.
+        ValueError: files of different architectures, checkpoints that do not fit ``arch``, two
+            files for one (model, epoch), bad properties rows (each named), or no checkpoints.
     """
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a folder")
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    walk = src.rglob("*") if recursive else src.iterdir()
+    files = sorted(
+        (p for p in walk if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES
+         and not any(part.startswith(".") for part in p.relative_to(src).parts)),
+        key=lambda p: _natural_key(p.relative_to(src).as_posix()),
+    )
     if not files:
-        raise ValueError(f"{src} holds no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})")
-    stems = Counter(p.stem for p in files)
+        nested = [] if recursive else [p for p in src.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES][:3]
+        hint = f"; subfolders hold {len(nested)}+ (e.g. {nested[0].relative_to(src)}): drop --no-recursive" if nested else ""
+        raise ValueError(f"{src} holds no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}){hint}")
+    rel_of = {p: p.relative_to(src).as_posix() for p in files}
+    rels = [rel_of[p] for p in files]
+    stems = Counter(_strip_suffix(r) for r in rels)
     dupes = sorted(s for s, n in stems.items() if n > 1)
     if dupes:
-        raise ValueError(f"{src}: several checkpoint files share a stem {dupes[:5]} (e.g. a.pt and a.safetensors)")
+        raise ValueError(f"{src}: several checkpoint files share a name {dupes[:5]} (e.g. a.pt and a.safetensors)")
 
     if properties is None:
         for name in ("properties.csv", "properties.json"):
             if (src / name).exists():
                 properties = src / name
                 break
-    props = _read_properties(Path(properties)) if properties is not None else {}
-    unknown_keys = sorted(set(props) - set(stems))
+    props = _match_properties(_read_properties(Path(properties)), rels, Path(properties)) if properties else {}
     notes = []
-    if unknown_keys:
-        warnings.warn(f"properties for {len(unknown_keys)} unknown file(s) ignored: {unknown_keys[:5]}", stacklevel=2)
-    without = sorted(s for s in stems if s not in props)
+    without = [r for r in rels if r not in props]
     if properties is None:
         notes.append("no properties file in the source folder: properties are NaN (unknown)")
     elif without:
@@ -439,7 +681,7 @@ def import_folder(
     # one architecture per folder
     signatures: dict[tuple, list[str]] = defaultdict(list)
     for path in files:
-        signatures[_signature_of_file(path)].append(path.name)
+        signatures[_signature_of_file(path)].append(rel_of[path])
     if len(signatures) > 1:
         groups = sorted(signatures.items(), key=lambda kv: -len(kv[1]))
         ref_sig, ref_files = groups[0]
@@ -449,27 +691,60 @@ def import_folder(
             lines.append(f"  {names[:5]}{' …' if len(names) > 5 else ''}: {_describe_difference(ref_sig, sig)}")
         lines.append("put each architecture in its own folder and import them separately")
         raise ValueError("\n".join(lines))
+    user = _resolve_user_code(arch, build, task, seed=seed)
+    if user.reference is not None:  # every file has this signature: one check covers them all
+        from sane_hf.zoo.custom import state_dict_difference
 
-    # models: a model_id column groups files; otherwise each file is a model
-    def model_key(path: Path) -> str:
-        mid = _coerce("model_id", props.get(path.stem, {}).get("model_id"))
-        return f"model_id={mid}" if mid is not None else path.stem
+        (sig, names), = signatures.items()
+        diff = state_dict_difference(user.reference, dict(sig))
+        if diff:
+            raise ValueError(
+                f"the checkpoints ({len(names)}, e.g. {names[0]}) do not fit --arch {user.arch!r} "
+                f"(load_state_dict(strict=True)): {diff}; pass the architecture they were saved from"
+            )
 
+    # models and epochs: properties columns first, else the layout
+    def model_and_epoch(rel: str) -> tuple[str, int | None]:
+        rec = props.get(rel, {})
+        layout_model, layout_epoch = _layout_of(rel)
+        mid = _coerce("model_id", rec.get("model_id"))
+        model = f"model_id={mid}" if mid is not None else (
+            str(rec["model"]) if rec.get("model") not in (None, "") else layout_model)
+        epoch = _coerce("epoch", rec.get("epoch"))
+        return model, (epoch if epoch is not None else layout_epoch)
+
+    keys = {rel: model_and_epoch(rel) for rel in rels}
+    seen: dict[tuple[str, int], str] = {}
+    clashes = []
+    for rel, (model, epoch) in keys.items():
+        if epoch is None:
+            continue
+        if (model, epoch) in seen:
+            clashes.append(f"{seen[(model, epoch)]} and {rel} (model {model!r}, epoch {epoch})")
+        seen[(model, epoch)] = rel
+    if clashes:
+        raise ValueError(
+            f"{src}: two checkpoints for the same model and epoch: {clashes[:5]}; give each file its own "
+            "model_id/epoch in the properties file (a 'path' column keys the rows)"
+        )
     by_model: dict[str, list[Path]] = defaultdict(list)
     for path in files:
-        by_model[model_key(path)].append(path)
+        by_model[keys[rel_of[path]][0]].append(path)
     has_ids = all(k.startswith("model_id=") for k in by_model)
-    names = sorted(by_model, key=(lambda k: int(k.split("=", 1)[1])) if has_ids else None)
+    names = sorted(by_model, key=(lambda k: int(k.split("=", 1)[1])) if has_ids else _natural_key)
 
     def converter(paths: list[Path]) -> Callable[[], list[dict[str, Any]]]:
         def convert() -> list[dict[str, Any]]:
             out = []
             for path in paths:
-                rec = props.get(path.stem, {})
+                rel = rel_of[path]
+                rec = props.get(rel, {})
                 values = {
                     col: _coerce(col, rec.get(col)) for col in ZOO_FEATURES if col not in ("weights", "model_id")
                 }
                 values = {k: v for k, v in values.items() if v is not None}
+                if "epoch" not in values and keys[rel][1] is not None:
+                    values["epoch"] = keys[rel][1]
                 values["state_dict"] = load_checkpoint_file(path)
                 out.append(values)
             return out
@@ -478,14 +753,15 @@ def import_folder(
 
     def units() -> list[_Unit]:
         return [
-            _Unit(i, ",".join(p.name for p in by_model[name]), converter(by_model[name])) for i, name in enumerate(names)
+            _Unit(i, ",".join(rel_of[p] for p in by_model[name]), converter(by_model[name]))
+            for i, name in enumerate(names)
         ]
 
     return _run_import(
         "folder", src, Path(out_dir), units,
-        options={"properties": str(properties) if properties is not None else None},
-        arch=arch, task=task, seed=seed, split_fractions=split_fractions,
-        overwrite=overwrite, progress=progress, cache_dir=cache_dir, notes=notes,
+        options={"properties": str(properties) if properties is not None else None, "recursive": recursive},
+        arch=user.arch, task=user.task, seed=seed, split_fractions=split_fractions,
+        overwrite=overwrite, progress=progress, cache_dir=cache_dir, notes=notes, user=user,
     )
 
 
@@ -534,7 +810,8 @@ def import_modelzoos(
     out_dir: str | os.PathLike,
     *,
     arch: str | None = None,
-    task: str = "unknown",
+    task: str | Callable[[], Any] = "unknown",
+    build: Callable[..., torch.nn.Module] | None = None,
     checkpoint_file: str = "checkpoints",
     seed: int = 0,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
@@ -546,14 +823,16 @@ def import_modelzoos(
 
     Args:
         src: folder whose sub-folders (at any depth) are trials with a ``params.json``.
-        arch: architecture name for every row; default ``params["model::type"]`` or ``"unknown"``.
-        task: task name for every row.
+        arch: architecture name for every row; default ``params["model::type"]`` or ``"unknown"``; or
+            your ``"module:callable"`` (see :func:`import_folder` and :mod:`sane_hf.zoo.custom`).
+        task: task name for every row, or your ``"module:callable"`` / callable.
+        build: your architecture callable itself.
         checkpoint_file: file name inside ``checkpoint_<epoch>/``.
     """
     src = Path(src)
     trials = sorted(p.parent for p in src.rglob("params.json")) if src.is_dir() else []
     first_params = _flatten(json.loads((trials[0] / "params.json").read_text())) if trials else {}
-    arch_name = arch or str(first_params.get("model::type", "unknown"))
+    user = _resolve_user_code(arch or str(first_params.get("model::type", "unknown")), build, task, seed=seed)
 
     def converter(trial: Path) -> Callable[[], list[dict[str, Any]]]:
         def convert() -> list[dict[str, Any]]:
@@ -593,8 +872,8 @@ def import_modelzoos(
     return _run_import(
         "modelzoos", src, Path(out_dir), units,
         options={"checkpoint_file": checkpoint_file},
-        arch=arch_name, task=task, seed=seed, split_fractions=split_fractions,
-        overwrite=overwrite, progress=progress, cache_dir=cache_dir,
+        arch=user.arch, task=user.task, seed=seed, split_fractions=split_fractions,
+        overwrite=overwrite, progress=progress, cache_dir=cache_dir, user=user,
     )
 
 
@@ -669,7 +948,8 @@ def import_unterthiner(
     out_dir: str | os.PathLike,
     *,
     arch: str = "unterthiner-cnn",
-    task: str | None = None,
+    task: str | Callable[[], Any] | None = None,
+    build: Callable[..., torch.nn.Module] | None = None,
     torch_layout: bool = True,
     seed: int = 0,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
@@ -681,8 +961,10 @@ def import_unterthiner(
 
     Args:
         src: folder with ``weights.npy``, ``metrics.csv`` and ``layout.csv``/``layout.json``.
-        arch: architecture name for every row.
-        task: task name; default the ``config.dataset`` column, else ``"unknown"``.
+        arch: architecture name for every row, or your ``"module:callable"`` (:mod:`sane_hf.zoo.custom`).
+        task: task name; default the ``config.dataset`` column, else ``"unknown"``; or your
+            ``"module:callable"`` / callable.
+        build: your architecture callable itself.
         torch_layout: transpose TensorFlow kernels to PyTorch's layout.
     """
     src = Path(src)
@@ -703,7 +985,9 @@ def import_unterthiner(
     keys = _tf_key_names([name for name, *_ in layout])
     columns = set(metrics[0]) if metrics else set()
     mapping = {col: next((c for c in cands if c in columns), None) for col, cands in UNTERTHINER_COLUMNS.items()}
-    task_name = task or "unknown"
+    user = _resolve_user_code(arch, build, task, seed=seed)
+    task_name = user.task
+    task = user.task if task is not None else None
 
     by_model: dict[str, list[int]] = defaultdict(list)
     for i, rec in enumerate(metrics):
@@ -740,8 +1024,8 @@ def import_unterthiner(
     return _run_import(
         "unterthiner", src, Path(out_dir), units,
         options={"torch_layout": torch_layout},
-        arch=arch, task=task_name, seed=seed, split_fractions=split_fractions,
-        overwrite=overwrite, progress=progress, cache_dir=cache_dir,
+        arch=user.arch, task=task_name, seed=seed, split_fractions=split_fractions,
+        overwrite=overwrite, progress=progress, cache_dir=cache_dir, user=user,
     )
 
 
