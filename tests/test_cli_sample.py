@@ -77,3 +77,63 @@ def test_sample_without_evaluate_and_errors(zoo_and_model, capsys):
               "--finetune-epochs", "a,b"])
     with pytest.raises(ValueError, match="mode"):
         SamplingEvalConfig(mode="individual")
+
+
+def test_prompt_selection_relaxes_the_activation_filter_and_says_why():
+    from datasets import Dataset
+
+    from sane_hf.evaluation import choose_prompts
+
+    split = Dataset.from_dict({
+        "model_id": [0, 1, 2, 3, 4, 5], "epoch": [2, 2, 2, 2, 2, 1], "test_acc": [0.9, 0.8, 0.7, 0.6, 0.5, 0.95],
+        "activation": ["tanh", "relu", "relu", "relu", "tanh", "tanh"],
+    })
+    # the best model (0) is tanh, but only 2 tanh models have epoch 2: relu gives the 3 asked
+    sel = choose_prompts(split, num_prompts=3, epoch=None)
+    assert [r["model_id"] for r in sel.rows] == [1, 2, 3] and sel.activation == "relu" and sel.epoch == 2
+    assert sel.removed == {"epoch": [5], "activation": [0, 4]}
+    assert "activation 'tanh' has 2 test model(s) at epoch 2, fewer than the 3 asked; took 'relu'" in sel.notes[0]
+    # enough models with the best model's activation: it is kept
+    sel = choose_prompts(split, num_prompts=2, epoch=None)
+    assert [r["model_id"] for r in sel.rows] == [0, 4] and sel.activation == "tanh"
+    # a named activation is kept as asked, and the shortfall is explained
+    sel = choose_prompts(split, num_prompts=4, epoch=None, activation="tanh")
+    assert len(sel.rows) == 2 and "4" in sel.explain() and "filter activation removed model(s) [1, 2, 3]" in sel.explain()
+    # your own architecture: the activation column does not filter
+    sel = choose_prompts(split, num_prompts=3, epoch=None, uses_activation=False)
+    assert [r["model_id"] for r in sel.rows] == [0, 1, 2] and sel.activation == "any"
+
+
+def test_one_prompt_with_a_bandwidth_rule_is_explained_and_writes_nothing(zoo_and_model):
+    root = zoo_and_model
+    out = root / "one-prompt"
+    with pytest.raises(SystemExit, match=r"1 prompt\(s\) \(asked 1\).*'scott' bandwidth rule needs at least 2 prompts"):
+        main(["sample", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(out),
+              "--num-prompts", "1", "--no-progress"])
+    assert not out.exists()
+
+
+def test_sample_without_evaluate_for_a_zoo_of_unknown_task_and_architecture(zoo_and_model, tmp_path, capsys):
+    import shutil
+
+    root = zoo_and_model
+    zoo = tmp_path / "zoo"
+    shutil.copytree(root / "zoo", zoo)
+    config = json.loads((zoo / "zoo_config.json").read_text())
+    config.update(arch="someone-elses-net", task="their-data", source="import:folder")
+    (zoo / "zoo_config.json").write_text(json.dumps(config))
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(root / "sane"), "--zoo", str(zoo), "--out", str(out), "--num-samples", "3",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "not evaluated" in printed and "score 'train-acc' skipped" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["score"] == "none" and all("test_acc" not in r for r in metrics["samples"])
+    assert metrics["diversity"]["num_samples"] == 3
+    net = create_model("cnn-s", image_size=8)
+    net.load_state_dict(load_file(str(out / "sample_000.safetensors")), strict=True)
+    # --evaluate needs the task: a one-line error, nothing written
+    with pytest.raises(SystemExit, match=r"task 'their-data' is neither a registered task.*--task module:callable"):
+        main(["sample", "--model", str(root / "sane"), "--zoo", str(zoo), "--out", str(tmp_path / "ev"),
+              "--evaluate", "--no-progress"])
+    assert not (tmp_path / "ev").exists()

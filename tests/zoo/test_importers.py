@@ -261,3 +261,88 @@ def test_import_unterthiner_round_trip(tmp_path):
     conv.load_state_dict({"weight": sd["conv2d.weight"], "bias": sd["conv2d.bias"]})
     dense = torch.nn.Linear(4, 10)
     dense.load_state_dict({"weight": sd["dense.weight"], "bias": sd["dense.bias"]})
+
+
+# --- folder: nested layouts, path keys, your own architecture ---------------------------------
+
+
+def _mlp_sd(seed: int) -> dict[str, torch.Tensor]:
+    return create_model("mlp", image_size=8, seed=seed).state_dict()
+
+
+def test_import_folder_nested_layout_model_and_epoch_from_paths(tmp_path):
+    src = tmp_path / "runs"
+    files = {  # relative path -> (model key, epoch) the layout implies
+        "model_002/epoch_00.safetensors": ("model_002", 0),
+        "model_002/epoch_03.safetensors": ("model_002", 3),
+        "model_010/epoch_00.safetensors": ("model_010", 0),
+        "net7_ep2.pt": ("net7", 2),
+        "sweep/a/final.pt": ("sweep/a/final", -1),
+    }
+    for i, rel in enumerate(files):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (torch.save if rel.endswith(".pt") else save_file)(_mlp_sd(i), src / rel)
+    # keyed by path relative to the folder (suffix optional); the epoch column wins over the layout
+    (src / "properties.json").write_text(json.dumps({
+        "model_002/epoch_03": {"test_acc": 0.8}, "net7_ep2.pt": {"test_acc": 0.3, "epoch": 5},
+    }))
+    with pytest.warns(UserWarning, match="have no entry"):
+        zoo = import_folder(src, tmp_path / "zoo", progress=False, cache_dir=str(tmp_path / "cache"))
+    rows = _rows_by_key(zoo)
+    sources = load_zoo_summary(tmp_path / "zoo")["sources"]
+    # models in natural order of their names: model_002 < model_010 < net7 < sweep/a/final
+    assert sources == ["model_002/epoch_00.safetensors,model_002/epoch_03.safetensors",
+                       "model_010/epoch_00.safetensors", "net7_ep2.pt", "sweep/a/final.pt"]
+    assert set(rows) == {(0, 0), (0, 3), (1, 0), (2, 5), (3, -1)}
+    assert rows[(0, 3)]["test_acc"] == pytest.approx(0.8) and rows[(2, 5)]["test_acc"] == pytest.approx(0.3)
+    # top level only: nothing there, and the message says where the checkpoints are
+    with pytest.raises(ValueError, match="subfolders hold"):
+        import_folder(src / "sweep", tmp_path / "zoo2", recursive=False, progress=False)
+
+
+def test_import_folder_names_bad_properties_and_clashes(tmp_path):
+    src = tmp_path / "runs"
+    for rel in ("a/epoch_1.safetensors", "b/epoch_1.safetensors"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_file(_mlp_sd(0), src / rel)
+    props = src / "properties.csv"
+    props.write_text("file,test_acc\nepoch_1.safetensors,0.5\n")  # a file name that two folders share
+    with pytest.raises(ValueError, match=r"match several checkpoints.*a/epoch_1.safetensors.*'path' column"):
+        import_folder(src, tmp_path / "z", progress=False)
+    props.write_text("path,test_acc\na/epoch_1.safetensors,0.5\na/epoch_1,0.6\n")
+    with pytest.raises(ValueError, match=r"several rows name the same checkpoint.*a/epoch_1"):
+        import_folder(src, tmp_path / "z", progress=False)
+    props.write_text("path,test_acc\na/epoch_1.safetensors,0.5\nc/epoch_1.safetensors,0.6\n")
+    with pytest.raises(ValueError, match=r"1 row\(s\) name no checkpoint file: \['c/epoch_1.safetensors'\]"):
+        import_folder(src, tmp_path / "z", progress=False)
+    props.write_text("path,model_id,epoch\na/epoch_1.safetensors,0,1\nb/epoch_1.safetensors,0,1\n")
+    with pytest.raises(ValueError, match=r"two checkpoints for the same model and epoch.*a/epoch_1.*b/epoch_1"):
+        import_folder(src, tmp_path / "z", progress=False)
+    props.write_text("stem,test_acc\nx,1\n")
+    with pytest.raises(ValueError, match=r"name no checkpoint file: \['x'\]"):
+        import_folder(src, tmp_path / "z", progress=False)
+    assert not (tmp_path / "z").exists()
+
+
+def make_wide_mlp():
+    """An architecture for the build= tests (importable by its path: test_importers:make_wide_mlp)."""
+    return create_model("mlp", image_size=8, hidden=(40, 16))
+
+
+def test_import_folder_checks_every_checkpoint_against_the_architecture(tmp_path):
+    src = tmp_path / "runs"
+    src.mkdir()
+    for i in range(3):
+        save_file(_mlp_sd(i), src / f"m{i}.safetensors")
+    # a registered architecture with a known task is checked too (the mlp on digits is fc1 64 -> 32)
+    with pytest.raises(ValueError, match=r"do not fit --arch 'cnn-s'.*missing keys \['conv1.bias'"):
+        import_folder(src, tmp_path / "z1", arch="cnn-s", task="digits", progress=False)
+    with pytest.raises(ValueError, match=r"do not fit --arch '[^']*make_wide_mlp'.*shapes fc1.bias: \(32,\) vs \(40,\)"):
+        import_folder(src, tmp_path / "z2", build=make_wide_mlp, progress=False)
+    # objects: build= and task= callables; a lambda has no import path, so it is not recorded (warned)
+    data = (torch.randn(10, 1, 8, 8), torch.arange(10) % 10, torch.randn(4, 1, 8, 8), torch.arange(4))
+    with pytest.warns(UserWarning, match="has no import path"):
+        import_folder(src, tmp_path / "z3", build=lambda: create_model("mlp", image_size=8), task=lambda: data,
+                      progress=False, cache_dir=str(tmp_path / "cache"))
+    config = load_zoo_config(tmp_path / "z3")
+    assert config.arch_entrypoint is None and config.task_entrypoint is None and config.arch == "<lambda>"
