@@ -132,6 +132,11 @@ class SamplingEvalConfig:
         default=True,
         metadata={"help": "Keep scored samples spread over the prompts (each prompt's best first), not the global best."},
     )
+    residual: bool = field(
+        default=False,
+        metadata={"help": "Residual decoding: each sample = its prompt + (decode(z) - decode(encode(prompt))), so an "
+                          "imperfect decoder does not pull samples toward its mean."},
+    )
     finetune_epochs: tuple[int, ...] = field(
         default=(0, 1, 5), metadata={"help": "Fine-tuning epochs at which test accuracy is reported."}
     )
@@ -603,6 +608,7 @@ def run_sampling(
         bootstrap_rounds=config.bootstrap_rounds if score_fn is not None else 0,
         keep_top=config.keep_top, candidates=candidates, seed=config.seed, window=config.window,
         halo=config.halo, batch_size=config.batch_size, progress=progress, spread_anchors=config.spread_anchors,
+        residual=config.residual,
     )
     return setup, samples
 

@@ -127,6 +127,7 @@ def test_bring_your_own_zoo_end_to_end(user_zoo, capsys):
                  "--no-progress"]) == 0
     printed = capsys.readouterr()
     assert "permutation views are off" not in printed.err  # derived from the user's module graph
+    assert "Generating" not in printed.err and "%|" not in printed.err  # --no-progress: no library bars either
 
     assert main(["probe", "--model", str(run), "--zoo", str(zoo_dir), "--out", str(probe), "--no-plots",
                  "--targets", "test_acc", "epoch", "--no-progress"]) == 0

@@ -5,10 +5,13 @@
     sane-hf sample --model runs/sane-digits --zoo zoos/digits-cnn --num-samples 16 --out samples/ [--evaluate]
 
 Loads the SANE model and its ``weight_tokenizer.json`` from ``--model`` and the raw zoo from
-``--zoo``. Prompts are the best ``--num-prompts`` test models (one activation); samples are
-drawn with :func:`sane_hf.sampling.sample_models` and written to ``--out`` as
-``sample_XXX.safetensors``, best first, with ``metrics.json`` (prompts, scores, each sample's test
-accuracy). With ``--evaluate`` the full protocol of :mod:`sane_hf.evaluation` runs: accuracy after
+``--zoo``. Prompts are the best ``--num-prompts`` test models (one activation, relaxed and
+explained when too few share it: :func:`sane_hf.evaluation.choose_prompts`); samples are drawn
+with :func:`sane_hf.sampling.sample_models`, spread over the prompts, and written to ``--out`` as
+``sample_XXX.safetensors``, best first, with ``metrics.json`` (prompts and how they were chosen,
+scores, each sample's test accuracy when the zoo's task is known, diversity: mean pairwise distance
+of samples vs prompts and samples per prompt). Without ``--evaluate`` only the trained SANE and
+the zoo's prompts are needed, for any zoo; nothing is written when a step fails. With ``--evaluate`` the full protocol of :mod:`sane_hf.evaluation` runs: accuracy after
 0/1/5 fine-tuning epochs beside random init, noise at matched distance, the aligned prompt
 average and the prompts; nearest-training-checkpoint distances and prediction agreement; transfer
 to another task; plus ``accuracy_vs_epoch.png``. Every option below comes from
@@ -93,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mode": {"choices": SAMPLING_MODES},
         "score": {"choices": ("train-acc", "none")},
         "spread_anchors": {"type": _yes_no, "metavar": "{yes,no}"},
+        "residual": {"type": _yes_no, "metavar": "{yes,no}"},
     }
     defaults = SamplingEvalConfig()
     for f in dataclasses.fields(SamplingEvalConfig):

@@ -319,13 +319,18 @@ def architecture_builder(
     return registered_build
 
 
-def state_dict_difference(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str:
-    """Why ``got`` does not load strictly where ``expected`` (a state_dict or ``{key: shape}``) does; "" if it does."""
+def state_dict_difference(expected: Mapping[str, Any], got: Mapping[str, Any], *, shapes: bool = True) -> str:
+    """Why ``got`` does not load strictly where ``expected`` (a state_dict or ``{key: shape}``) does; "" if it does.
 
-    def shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    ``shapes=False`` compares the keys only.
+    """
+
+    def shapes_of(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}
 
-    a, b = shapes(expected), shapes(got)
+    a, b = shapes_of(expected), shapes_of(got)
+    if not shapes:
+        b = {k: a.get(k, v) for k, v in b.items()}
     parts = []
     missing, unexpected = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if missing:

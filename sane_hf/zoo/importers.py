@@ -226,6 +226,7 @@ class _UserCode:
     reference: dict[str, tuple[int, ...]] | None = None  # {key: shape} of the architecture's state_dict
     module: torch.nn.Module | None = None
     checked: bool = False
+    keys_only: bool = False  # a registered architecture without a known task: its dimensions are unknown
 
     def check(self, sd: Mapping[str, torch.Tensor], where: str) -> None:
         """Raise when ``sd`` does not load strictly into the architecture (names the differing keys)."""
@@ -233,8 +234,8 @@ class _UserCode:
             return
         from sane_hf.zoo.custom import state_dict_difference
 
-        diff = state_dict_difference(self.reference, sd)
-        if not diff and not self.checked and self.module is not None:
+        diff = state_dict_difference(self.reference, sd, shapes=not self.keys_only)
+        if not diff and not self.checked and self.module is not None and not self.keys_only:
             try:  # once for real: a module may override load_state_dict
                 self.module.load_state_dict(sd, strict=True)
             except RuntimeError as err:
@@ -311,6 +312,8 @@ def _resolve_user_code(
         data = task_data or load_task(task_name, train_subset=1, eval_subset=1)
         module = create_model(name, in_channels=data.in_channels, image_size=data.image_size,
                               num_classes=data.num_classes, init="default")
+    elif name in list_architectures():  # no task: the dimensions are unknown, the keys are not
+        module, code.keys_only = create_model(name, init="default"), True
     if module is not None:
         code.module = module
         code.reference = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -696,7 +699,7 @@ def import_folder(
         from sane_hf.zoo.custom import state_dict_difference
 
         (sig, names), = signatures.items()
-        diff = state_dict_difference(user.reference, dict(sig))
+        diff = state_dict_difference(user.reference, dict(sig), shapes=not user.keys_only)
         if diff:
             raise ValueError(
                 f"the checkpoints ({len(names)}, e.g. {names[0]}) do not fit --arch {user.arch!r} "

@@ -337,6 +337,8 @@ def test_import_folder_checks_every_checkpoint_against_the_architecture(tmp_path
     # a registered architecture with a known task is checked too (the mlp on digits is fc1 64 -> 32)
     with pytest.raises(ValueError, match=r"do not fit --arch 'cnn-s'.*missing keys \['conv1.bias'"):
         import_folder(src, tmp_path / "z1", arch="cnn-s", task="digits", progress=False)
+    with pytest.raises(ValueError, match=r"do not fit --arch 'cnn-s'.*missing keys"):  # no task: keys still checked
+        import_folder(src, tmp_path / "z1", arch="cnn-s", progress=False)
     with pytest.raises(ValueError, match=r"do not fit --arch '[^']*make_wide_mlp'.*shapes fc1.bias: \(32,\) vs \(40,\)"):
         import_folder(src, tmp_path / "z2", build=make_wide_mlp, progress=False)
     # objects: build= and task= callables; a lambda has no import path, so it is not recorded (warned)
