@@ -654,6 +654,15 @@ def render_report(
             "",
             _md_table(*_sampling_rows(sampling)),
         ]
+        diversity = s.get("diversity") or {}
+        if diversity.get("samples_mean_pairwise_distance") is not None:
+            hist = diversity.get("anchor_histogram") or {}
+            lines += ["", (
+                f"Diversity: mean pairwise distance of the samples {_fmt(diversity.get('samples_mean_pairwise_distance'))} "
+                f"vs the prompts' {_fmt(diversity.get('prompts_mean_pairwise_distance'))} (ratio "
+                f"{_fmt(diversity.get('ratio'))}; near 0 = collapsed onto one model); samples per prompt: "
+                + (", ".join(f"model {k}: {v}" for k, v in hist.items()) or "n/a") + "."
+            )]
         gain = sampling.get("gain_over_random_init") or {}
         if gain:
             lines += ["", "Gain of samples over random init: " + ", ".join(

@@ -114,6 +114,7 @@ def test_fast_run_report_holds_the_tables(fast_run):
     assert "| property | metric | SANE | layer stats | raw weights |" in report
     assert "| `test_acc` | R² |" in report
     assert "acc. epoch 0 | acc. epoch 1 | acc. epoch 5 | distance to nearest zoo checkpoint" in report
+    assert "Diversity: mean pairwise distance of the samples" in report and "samples per prompt: model" in report
     for row in ("| SANE samples |", "| random init |", "| prompt models |", "| aligned prompt average |"):
         assert row in report, row
     row = next(line for line in report.splitlines() if line.startswith("| `test_acc` | R² |"))
