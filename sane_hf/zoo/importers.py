@@ -272,7 +272,8 @@ def _resolve_user_code(
         if arch_entry is None:
             warnings.warn(
                 f"build={getattr(build, '__qualname__', build)!r} has no import path (defined in __main__ or a "
-                "lambda): the zoo config cannot record it, so pass build= again to train/sample from Python, or "
+                "lambda): the zoo config cannot record it, so pass it again from Python (train_sane(..., "
+                "permutation_spec=permutation_spec(build())), run_sampling/evaluate_sampling(..., build=build)), or "
                 "define it in a module and import with --arch module:callable",
                 stacklevel=3,
             )
@@ -290,7 +291,8 @@ def _resolve_user_code(
         if task_entry is None:
             warnings.warn(
                 f"task={getattr(task, '__qualname__', task)!r} has no import path: the zoo config cannot record "
-                "it, so pass task= again to sample from Python, or use --task module:callable",
+                "it, so pass it again from Python (run_sampling/evaluate_sampling(..., task=task)), or use "
+                "--task module:callable",
                 stacklevel=3,
             )
         task_name = entrypoint_name(task_entry) if task_entry else getattr(task, "__name__", "custom")
