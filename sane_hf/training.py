@@ -135,7 +135,8 @@ def sane_config_preset(name: str, token_size: int = 64, **overrides: Any) -> San
 
 
 def _default_threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
+    # torch's own choice, which follows OMP_NUM_THREADS (on busy shared cores, 1 is usually fastest: set it)
+    return max(1, torch.get_num_threads())
 
 
 @dataclass
@@ -219,7 +220,8 @@ class SaneTrainingConfig(JsonConfigMixin):
     )
     num_threads: int = field(
         default_factory=_default_threads,
-        metadata={"help": "torch threads on CPU (default min(2, cpu_count)); ignored on GPUs."},
+        metadata={"help": "torch threads on CPU (default: torch's own choice, which follows OMP_NUM_THREADS; on a busy "
+                          "shared machine 1 is usually fastest); ignored on GPUs."},
     )
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is available."})
     windows_per_sample: int = field(
@@ -615,7 +617,8 @@ def _clear_output_dir(output_dir: Path) -> None:
     for name in (CHECKPOINTS_DIR, "logs"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
     for name in (METRICS_FILE, "config.json", "model.safetensors", "weight_tokenizer.json", TRAINING_CONFIG_FILE,
-                 ZOO_CONFIG_FILE, "configuration_sane.py", "modeling_sane.py", "generation_config.json"):
+                 ZOO_CONFIG_FILE, "configuration_sane.py", "modeling_sane.py", "generation_config.json", "README.md",
+                 "pipeline_sane.py", "sampling.py", "embedding.py", "tokenization_sane.py"):
         (output_dir / name).unlink(missing_ok=True)
 
 
@@ -627,17 +630,23 @@ def _write_final(
     zoo: _PreparedZoo,
     metrics: Mapping[str, Any],
 ) -> None:
-    """Write the final folder into a temp dir, then move each file into ``output_dir`` (metrics.json last)."""
+    """Write the final folder into a temp dir, then move each file into ``output_dir`` (metrics.json last).
+
+    The folder is pipeline-ready (:func:`sane_hf.hub.save_model_folder`: remote code,
+    ``custom_pipelines`` for ``weight-sampling`` and ``weight-embedding``, and the model card).
+    """
+    from sane_hf.hub import save_model_folder, write_model_card
+
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}final_", dir=output_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_model_folder(model, tokenizer, tmp, card=False)
         training_config.to_json_file(tmp / TRAINING_CONFIG_FILE)
         if zoo.zoo_config_path is not None:
             shutil.copyfile(zoo.zoo_config_path, tmp / ZOO_CONFIG_FILE)
         elif zoo.zoo_config is not None:
             zoo.zoo_config.to_json_file(tmp / ZOO_CONFIG_FILE)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        write_model_card(tmp, model_name=output_dir.resolve().name)
         (output_dir / METRICS_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is back
         names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != METRICS_FILE)
         for name in [*names, METRICS_FILE]:

@@ -18,7 +18,8 @@ def test_probe_cli_writes_metrics_and_plots(zoo_and_model, capsys):
     assert main(["probe", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(out),
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "property" in printed and "layer_stats" in printed and "test_acc" in printed
+    assert "property" in printed and "layer statistics" in printed and "test accuracy" in printed
+    assert "layer_stats" not in printed and "SANE predicts test accuracy" in printed and "Verdict: SANE" in printed
     for name in ("metrics.json", "pred_vs_true_test_acc.png", "embedding_pca.png", "embeddings.npz"):
         assert (out / name).stat().st_size > 0, name
     payload = json.loads((out / "metrics.json").read_text())
@@ -38,7 +39,7 @@ def test_probe_cli_resplit_and_errors(zoo_and_model, capsys):
     root = zoo_and_model
     out = root / "probe-resplit"
     argv = ["probe", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(out), "--no-progress",
-            "--split-by", "model", "--split-fractions", "0.34", "0.33", "0.33", "--targets", "test_acc",
+            "--split-by", "model", "--folds", "1", "--split-fractions", "0.34", "0.33", "0.33", "--targets", "test_acc",
             "--methods", "sane", "layer_stats", "--no-plots"]
     assert main(argv) == 0
     payload = json.loads((out / "metrics.json").read_text())
@@ -51,4 +52,32 @@ def test_probe_cli_resplit_and_errors(zoo_and_model, capsys):
               "--out", str(out)])
     with pytest.raises(SystemExit, match="probing needs at least 3 models per split"):
         main(["probe", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--split-by", "model",
-              "--split-fractions", "0.8", "0.1", "0.1", "--out", str(out)])
+              "--folds", "1", "--split-fractions", "0.8", "0.1", "0.1", "--out", str(out)])
+
+
+def test_probe_cli_kfold_on_a_ten_model_zoo(zoo_and_model, tmp_path, capsys):
+    """A 10-model zoo split 70/15/15 is too small for fixed splits; --split-by model cross-validates instead."""
+    from sane_hf.zoo.dataset import ZooConfig, build_zoo
+
+    root = zoo_and_model
+    zoo = tmp_path / "zoo10"
+    build_zoo(ZooConfig(task="digits", arch="cnn-s", num_models=10, epochs=2, train_subset=128, eval_subset=64,
+                        models_per_chunk=10), zoo, progress=False, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    base = ["probe", "--model", str(root / "sane"), "--zoo", str(zoo), "--no-progress", "--num-threads", "1",
+            "--targets", "test_acc", "epoch", "activation"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"at least 3 models per split.*--split-by model \(k-fold"):
+        main([*base, "--out", str(tmp_path / "fixed")])
+    out = tmp_path / "cv"
+    assert main([*base, "--out", str(out), "--split-by", "model", "--folds", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "5-fold cross-validation grouped by model" in printed and " ± " in printed
+    payload = json.loads((out / "metrics.json").read_text())
+    cv = payload["cv"]
+    assert cv["folds"] == 5 and cv["models_per_fold"] == [2, 2, 2, 2, 2]
+    for method in ("sane", "layer_stats", "raw"):
+        folds = [v for v in cv["per_fold"]["test_acc"][method] if v is not None]
+        assert len(folds) == 5
+        assert payload["metrics"]["test_acc"][method] == pytest.approx(sum(folds) / 5)
+    assert (out / "pred_vs_true_test_acc.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="fewer than the 20 folds"):
+        main([*base, "--out", str(tmp_path / "x"), "--split-by", "model", "--folds", "20"])

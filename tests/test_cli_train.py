@@ -73,3 +73,57 @@ def test_train_command_reports_bad_input(zoo_dir, tmp_path):
         main(["train", "--zoo", str(zoo_dir), "--out", str(tmp_path / "x"), "--window-size", "500", *FAST])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["train", "--zoo", str(tmp_path / "nope"), "--out", str(tmp_path / "y"), *FAST])
+
+
+_PIPELINE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+from transformers import pipeline
+
+run, prompts = sys.argv[1], [load_file(p) for p in sys.argv[2:]]
+sampler = pipeline("weight-sampling", model=run, trust_remote_code=True, device="cpu")
+samples = sampler(prompts, num_samples=2, seed=0, bandwidth=0.1)
+embedder = pipeline("weight-embedding", model=run, trust_remote_code=True, device="cpu")
+embeddings = embedder(prompts)
+print(json.dumps({
+    "sampler": type(sampler).__module__, "samples": len(samples),
+    "keys_match": sorted(samples[0]["state_dict"]) == sorted(prompts[0]),
+    "embedding_rows": len(embeddings), "embedding_dim": len(embeddings[0]["embedding"]),
+}))
+"""
+
+
+def test_trained_folder_loads_with_pipeline_in_a_fresh_process(zoo_dir, tmp_path):
+    """`sane-hf train` output is pipeline-ready: remote code, custom_pipelines for both tasks, a model card."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from sane_hf.zoo.dataset import state_dict_from_bytes
+
+    out = tmp_path / "run"
+    assert main(["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "2", "--save-steps", "0", *FAST]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["custom_pipelines"]) == {"weight-sampling", "weight-embedding"}
+    for name in ("pipeline_sane.py", "sampling.py", "embedding.py", "tokenization_sane.py", "README.md"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "DESIGN.md" not in card and "# run" in card and "Not measured" in card
+    rows = load_zoo(zoo_dir)["test"]
+    prompts = []
+    for i in range(2):
+        path = tmp_path / f"prompt_{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in state_dict_from_bytes(rows[i]["weights"]).items()}, str(path))
+        prompts.append(str(path))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    # a fresh interpreter outside the repository: only the folder's own remote code is there to run
+    done = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, str(out), *prompts], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["samples"] == 2 and result["keys_match"] and result["embedding_rows"] == 2
+    assert result["sampler"].startswith("transformers_modules")  # the folder's code, not an installed sane_hf

@@ -66,6 +66,7 @@ def _yes_no(text: str) -> bool:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sane_hf.cli._common import add_runtime_flags
     from sane_hf.evaluation import SamplingEvalConfig
     from sane_hf.sampling import SAMPLING_MODES
 
@@ -88,8 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--zoo-config", type=Path, default=None,
                    help="the zoo's zoo_config.json (default: <zoo>/zoo_config.json, else <model>/zoo_config.json)")
     p.add_argument("--device", default=None, help="torch device for SANE (default: cuda if available, else cpu)")
-    p.add_argument("--no-plots", action="store_true", help="no PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", "--no_plots", action="store_true", help="no PNG")
+    add_runtime_flags(p)
     special = {
         "finetune_epochs": {"type": _epochs, "metavar": "E1,E2,..."},
         "bandwidth": {"type": _bandwidth},
@@ -127,21 +128,30 @@ def _fmt(summary: dict[str, Any] | None) -> str:
 
 
 def format_report(metrics: dict[str, Any]) -> str:
-    """A short table of the evaluation metrics."""
+    """The evaluation in readable tables, degenerate baselines flagged, and one verdict line per claim."""
+    from sane_hf.verdicts import degenerate_baselines, group_name, overall_verdict, sampling_verdicts
+
+    degenerate = {"noise_matched_accuracy"} if degenerate_baselines(metrics) else set()
+
+    def name_of(key: str) -> str:
+        return group_name(key) + (" [degenerate]" if key in degenerate else "")
+
+    width = max([len(name_of(k)) for k in (metrics.get("accuracy") or {})] + [34]) + 2
     lines = []
     accuracy = metrics.get("accuracy") or {}
     if accuracy:
         epochs = sorted({int(e) for curve in accuracy.values() for e in curve})
-        lines.append(f"test accuracy of {metrics['arch']} on {metrics['task']} after fine-tuning epochs:")
-        lines.append("  " + "group".ljust(24) + "".join(f"epoch {e}".ljust(18) for e in epochs))
+        lines.append(f"test accuracy of {metrics['arch']} on {metrics['task']} after fine-tuning epochs "
+                     "(mean ± std over models):")
+        lines.append("  " + "models".ljust(width) + "".join(f"epoch {e}".ljust(18) for e in epochs))
         for name, curve in accuracy.items():
-            lines.append("  " + name.ljust(24) + "".join(_fmt(curve.get(str(e))).ljust(18) for e in epochs))
+            lines.append("  " + name_of(name).ljust(width) + "".join(_fmt(curve.get(str(e))).ljust(18) for e in epochs))
     novelty = metrics.get("novelty")
     if novelty:
         lines.append(f"nearest training checkpoint (after alignment, {novelty['num_neighbours']} searched):")
         for name in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
             if name in novelty:
-                lines.append(f"  {name.ljust(22)} distance {_fmt(novelty[name]['nearest_distance'])}   "
+                lines.append(f"  {name_of(name).ljust(width)} distance {_fmt(novelty[name]['nearest_distance'])}   "
                              f"agreement {_fmt(novelty[name]['agreement'])}")
     diversity = format_diversity(metrics)
     if diversity:
@@ -151,7 +161,11 @@ def format_report(metrics: dict[str, Any]) -> str:
         last = str(transfer["epochs"])
         lines.append(f"transfer to {transfer['description']}, after {last} epoch(s):")
         for name, curve in transfer["accuracy"].items():
-            lines.append(f"  {name.ljust(22)} {_fmt(curve.get(last))}")
+            lines.append(f"  {name_of(name).ljust(width)} {_fmt(curve.get(last))}")
+    overall = overall_verdict(None, metrics)
+    verdicts = sampling_verdicts(metrics)
+    if overall or verdicts:
+        lines += ["", *([overall] if overall else []), *(f"  - {line}" for line in verdicts)]
     return "\n".join(lines)
 
 
@@ -221,12 +235,14 @@ def format_diversity(metrics: dict[str, Any]) -> str:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from sane_hf.cli._common import apply_num_threads
     from sane_hf.evaluation import evaluate_sampling, run_sampling
     from sane_hf.modeling_sane import SaneModel
     from sane_hf.tokenization_sane import WeightTokenizer
     from sane_hf.zoo.dataset import load_zoo
 
     start = time.perf_counter()
+    apply_num_threads(args.num_threads)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(
@@ -256,6 +272,7 @@ def run_sample(args: argparse.Namespace) -> int:
             metrics = evaluate_sampling(model, tokenizer, zoo, zoo_config, config, out, progress=progress)
             if args.no_plots and (out / "accuracy_vs_epoch.png").exists():
                 (out / "accuracy_vs_epoch.png").unlink()
+            print(_prompt_line(metrics["prompts"]))
             print(format_report(metrics))
         else:
             setup, samples = run_sampling(model, tokenizer, zoo, zoo_config, config, progress=progress)
@@ -274,4 +291,26 @@ def run_sample(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"sane-hf sample: {err}") from err
     print(f"wrote {len(list(out.glob('sample_*.safetensors')))} samples and metrics.json to {out}")
+    if args.evaluate:
+        _refresh_card(model_dir, out)
     return 0
+
+
+def _prompt_line(prompts: dict[str, Any]) -> str:
+    """How many prompts were asked for, how many survived, and what each filter removed."""
+    asked = prompts.get("asked")
+    removed = {name: len(ids) for name, ids in (prompts.get("removed") or {}).items() if ids}
+    text = (f"prompts: {len(prompts.get('model_ids') or [])} of {'all' if asked is None else asked} requested, the "
+            f"best test models at epoch {prompts.get('epoch')}")
+    if removed:
+        text += " (" + ", ".join(f"filter {name} removed {n} model(s)" for name, n in removed.items()) + ")"
+    return text
+
+
+def _refresh_card(model_dir: Path, out: Path) -> None:
+    """Re-render the model card when the metrics went where the card reads them (``<model>/sampling``)."""
+    from sane_hf.hub import CARD_FILE, write_model_card
+
+    if out.resolve() == (model_dir / "sampling").resolve() and (model_dir / CARD_FILE).is_file():
+        write_model_card(model_dir)
+        print(f"updated the model card {model_dir / CARD_FILE} with these numbers and verdicts")

@@ -33,6 +33,7 @@ def _positive_int(text: str) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from transformers import HfArgumentParser
 
+    from sane_hf.cli._common import HelpFormatter
     from sane_hf.training import PRESETS, SaneTrainingConfig
 
     fields = HfArgumentParser(SaneTrainingConfig, add_help=False)
@@ -45,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Checkpoints go to --out/checkpoints; --resume continues the newest one exactly. "
             "Multi-process: accelerate launch --multi_gpu --num_processes N -m sane_hf.cli train ..."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    _fix_negative_flag_help(train)
     group = train.add_argument_group("zoo and model")
     group.add_argument("--zoo", required=True, type=Path,
                        help="zoo folder: raw (sane-hf zoo build/import) or tokenized (save_to_disk) with its tokenizer")
@@ -65,6 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="override the preset's window_size (tokens per training window)")
     group.add_argument("--halo-size", type=int, default=None, help="override the preset's halo_size")
     train.set_defaults(func=run_train)
+
+
+def _fix_negative_flag_help(parser: argparse.ArgumentParser) -> None:
+    """``HfArgumentParser`` gives ``--no_progress``/``--no_permutation`` the positive flag's help: say what they do."""
+    for action in parser._actions:
+        negative = [o for o in action.option_strings if o.startswith("--no_")]
+        if negative and action.help:
+            positive = "--" + negative[0][len("--no_"):].replace("_", "-")
+            action.help = f"turn {positive} off (it is on by default). {positive}: {action.help}"
 
 
 def _token_size(args: argparse.Namespace) -> tuple[int, Any]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_build", "run_import", "format_summary"]
+__all__ = ["register", "run_build", "run_import", "format_summary", "small_split_warning"]
 
 
 def _help(name: str) -> str:
@@ -42,6 +42,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sane_hf.cli._common import add_runtime_flags
     from sane_hf.zoo.dataset import ZooConfig
 
     defaults = ZooConfig()
@@ -89,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--max-shard-bytes", type=int, default=argparse.SUPPRESS, help=_help("max_shard_bytes"))
     build.add_argument("--description", default=argparse.SUPPRESS, help=_help("description"))
     build.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
-    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_flags(build)
     build.set_defaults(func=run_build, _defaults=defaults)
 
     imp = zoo_sub.add_parser(
@@ -107,7 +108,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "this IMPORTS AND RUNS YOUR CODE, and records both in zoo_config.json for train, probe and sample. "
             "Torch files are read with weights_only=True. An interrupted import resumes when rerun."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     imp.add_argument("src", type=Path, help="source folder")
     imp.add_argument("--format", required=True, choices=["folder", "modelzoos", "unterthiner"], dest="fmt",
@@ -126,11 +126,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "to SRC ('file'/'name'/'stem' also accepted) (default: SRC/properties.csv or .json)")
     imp.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                      help="folder format: find checkpoints in subfolders too (--no-recursive: top level only)")
-    imp.add_argument("--seed", type=int, default=0, help="seed of the split by model")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the split by model (default: 0)")
     imp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                     default=[0.7, 0.15, 0.15], help="fractions of models in train/validation/test")
+                     default=[0.7, 0.15, 0.15], help="fractions of models in train/validation/test (default: 0.7 0.15 0.15)")
     imp.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
-    imp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_flags(imp)
     imp.set_defaults(func=run_import)
 
 
@@ -139,6 +139,31 @@ _BUILD_FLAGS = (
     "arch_kwargs", "grid", "seed", "split_fractions", "align", "num_workers", "device", "models_per_chunk",
     "max_shard_bytes", "description",
 )
+
+
+#: Models per split a fixed-split probe needs (``sane_hf.probing.check_model_splits``).
+PROBE_MIN_MODELS = 3
+
+
+def small_split_warning(num_models: int, fractions: Any, seed: int = 0) -> str | None:
+    """A sentence when a split of ``num_models`` models will hold fewer than a probe needs, else None."""
+    from sane_hf.zoo.dataset import split_model_ids
+
+    def sizes(n: int) -> dict[str, int]:
+        return {k: len(v) for k, v in split_model_ids(range(n), tuple(fractions), seed).items()}
+
+    counts = sizes(num_models)
+    small = {k: v for k, v in counts.items() if v < PROBE_MIN_MODELS}
+    if not small:
+        return None
+    needed = next((n for n in range(num_models + 1, 10_000) if min(sizes(n).values()) >= PROBE_MIN_MODELS), None)
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items())
+    more = f"build at least {needed} models, or " if needed else ""
+    return (
+        f"{num_models} models split {'/'.join(f'{f:g}' for f in fractions)} give {shown} model(s) per split; "
+        f"`sane-hf probe` needs at least {PROBE_MIN_MODELS} models per split: {more}probe with `--split-by model` "
+        "(k-fold cross-validation grouped by model)"
+    )
 
 
 def format_summary(out_dir: Path, seconds: float | None = None) -> str:
@@ -169,8 +194,10 @@ def format_summary(out_dir: Path, seconds: float | None = None) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from sane_hf.cli._common import apply_num_threads
     from sane_hf.zoo.dataset import ZooConfig, _distributed_state, build_zoo, load_zoo_config
 
+    apply_num_threads(args.num_threads)
     base = load_zoo_config(args.config).to_dict() if args.config is not None else args._defaults.to_dict()
     if args.config is not None:
         for derived in ("in_channels", "num_classes"):
@@ -180,9 +207,16 @@ def run_build(args: argparse.Namespace) -> int:
         config = ZooConfig.from_dict({**base, **overrides})
     except ValueError as err:
         raise SystemExit(f"sane-hf zoo build: {err}") from err
+    from sane_hf.zoo.tasks import TaskNotInstalledError
+
+    warning = small_split_warning(config.num_models, config.split_fractions, config.seed)
+    if warning and _distributed_state().is_main_process:
+        print(f"sane-hf zoo build: warning: {warning}")
     start = time.perf_counter()
     try:
         build_zoo(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    except TaskNotInstalledError as err:
+        raise SystemExit(f"sane-hf zoo build: {err}") from None
     except ValueError as err:
         raise SystemExit(f"sane-hf zoo build: {err}") from err
     if _distributed_state().is_main_process:
@@ -191,8 +225,10 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from sane_hf.cli._common import apply_num_threads
     from sane_hf.zoo.importers import import_zoo
 
+    apply_num_threads(args.num_threads)
     kwargs: dict[str, Any] = {
         "seed": args.seed,
         "split_fractions": tuple(args.split_fractions),
