@@ -170,8 +170,8 @@ def _default_sampling() -> SamplingEvalConfig:
 class QuickstartConfig:
     """Everything a quickstart run does, as typed configs of the modules it calls.
 
-    ``QuickstartConfig()`` is the full run (under 10 minutes on 2 CPU cores);
-    :meth:`fast` is a smoke version of about a minute. ``training.output_dir`` is ignored: the
+    ``QuickstartConfig()`` is the full run (minutes on a laptop CPU; the measured wall time is in
+    README, Performance); :meth:`fast` is a smoke version. ``training.output_dir`` is ignored: the
     model always goes to ``<out>/model``.
 
     >>> cfg = QuickstartConfig.fast().with_seed(3)
@@ -208,7 +208,7 @@ class QuickstartConfig:
 
     @classmethod
     def fast(cls) -> QuickstartConfig:
-        """A smoke run of about a minute: 20 models x 2 epochs on 300 images, a tiny SANE, 30 steps."""
+        """A smoke run: 20 models x 2 epochs on 300 images, a tiny SANE, 30 steps."""
         # Adam at lr 2e-3..2e-2 so that some models learn within 2 epochs on 300 images
         zoo = ZooConfig(
             task="digits", arch="cnn-s", num_models=20, epochs=2, train_subset=300, eval_subset=300, seed=0,
@@ -864,8 +864,8 @@ def run_quickstart(
     state.pop("tokenized", None)
 
     def pipeline_stage() -> tuple[bool, str]:
-        if _has_pipeline(model_dir):
-            return True, "config.json has custom_pipelines"
+        if _has_pipeline(model_dir):  # the training job writes pipeline-ready folders
+            return trained, "config.json has custom_pipelines (written with the trained model)"
         from sane_hf.hub import PIPELINE_TASKS, save_model_folder
 
         model, tokenizer = _load_model(model_dir)

@@ -28,7 +28,9 @@ def test_sample_evaluate_writes_metrics_png_and_samples(zoo_and_model, capsys):
             "--transfer-train-subset", "128", "--bn-samples", "64", "--candidates", "3", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "random_init" in printed and "nearest training checkpoint" in printed
+    assert "random init" in printed and "nearest training checkpoint" in printed and "random_init" not in printed
+    assert "SANE samples beat random init" in printed or "SANE samples trail random init" in printed
+    assert "prompts: 5 of 5 requested" in printed or "prompts: " in printed
     assert (out / "accuracy_vs_epoch.png").stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == GROUPS

@@ -69,3 +69,44 @@ def test_zoo_help(argv, capsys):
         main(argv)
     assert exc.value.code == 0
     assert "usage: sane-hf zoo" in capsys.readouterr().out
+
+
+def test_small_split_warning_names_the_fix():
+    from sane_hf.cli.zoo import small_split_warning
+
+    text = small_split_warning(6, (0.7, 0.15, 0.15))
+    assert text.startswith("6 models split 0.7/0.15/0.15 give train 4, validation 1, test 1 model(s) per split")
+    assert "build at least 17 models" in text and "--split-by model" in text
+    assert small_split_warning(20, (0.7, 0.15, 0.15)) is None
+
+
+def test_missing_optional_dataset_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):
+    from sane_hf.zoo import tasks
+
+    monkeypatch.setenv(tasks.FASHION_MNIST_ENV, str(tmp_path / "empty"))
+    tasks._fashion_raw.cache_clear()
+    with pytest.raises(SystemExit) as info:
+        main(["zoo", "build", "--task", "fashion-mnist", "--num-models", "4", "--out", str(tmp_path / "z"),
+              "--no-progress"])
+    tasks._fashion_raw.cache_clear()
+    message = str(info.value)
+    assert message.startswith("sane-hf zoo build: task 'fashion-mnist' is not installed")
+    assert "apt-get install dataset-fashion-mnist" in message and "\n" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "warning: 4 models split" in capsys.readouterr().out
+
+
+def test_help_texts_are_consistent(capsys):
+    for argv in (["zoo", "build", "--help"], ["zoo", "import", "--help"], ["probe", "--help"], ["sample", "--help"],
+                 ["train", "--help"], ["quickstart", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--no-progress" in text and "--num-threads" in text, argv
+        assert text.count("(default: from the source, else 'unknown') (default") == 0
+        assert "(default: 0) (default" not in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no_progress, --no-progress turn --progress off" in text
+    assert "--no_permutation, --no-permutation turn --permutation off" in text

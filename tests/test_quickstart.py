@@ -62,7 +62,7 @@ def test_fast_run_writes_every_output(fast_run):
     for name in MODEL_FILES:
         assert (out / "model" / name).is_file(), name
     config = json.loads((out / "model" / "config.json").read_text())
-    assert "weight-sampling" in config["custom_pipelines"] and "AutoModel" in config["auto_map"]
+    assert set(config["custom_pipelines"]) == {"weight-sampling", "weight-embedding"} and "AutoModel" in config["auto_map"]
     for name in ("metrics.json", "pred_vs_true_test_acc.png", "embedding_pca.png", "embeddings.npz"):
         assert (out / "probe" / name).is_file(), name
     assert (out / "samples" / "metrics.json").is_file() and (out / "samples" / "accuracy_vs_epoch.png").is_file()
@@ -111,19 +111,22 @@ def test_fast_run_metrics_are_finite(fast_run):
 def test_fast_run_report_holds_the_tables(fast_run):
     out = fast_run
     report = (out / REPORT_FILE).read_text()
-    assert "| property | metric | SANE | layer stats | raw weights |" in report
-    assert "| `test_acc` | R² |" in report
+    assert "| property | metric | SANE | layer statistics | raw weights |" in report
+    assert "| test accuracy (`test_acc`) | R² |" in report
+    assert "## Verdict" in report and "SANE predicts test accuracy" in report and "noise_matched" not in report
+    assert 'pipeline("weight-sampling", model="model", trust_remote_code=True)' in report
     assert "acc. epoch 0 | acc. epoch 1 | acc. epoch 5 | distance to nearest zoo checkpoint" in report
     assert "Diversity: mean pairwise distance of the samples" in report and "samples per prompt: model" in report
     for row in ("| SANE samples |", "| random init |", "| prompt models |", "| aligned prompt average |"):
         assert row in report, row
-    row = next(line for line in report.splitlines() if line.startswith("| `test_acc` | R² |"))
+    row = next(line for line in report.splitlines() if line.startswith("| test accuracy (`test_acc`) | R² |"))
     values = [float(c) for c in row.strip("|").split("|")[2:]]
     assert len(values) == 3 and all(math.isfinite(v) for v in values)
     assert "| nan" not in report
     card = (out / "model" / "README.md").read_text()
     assert "probe_metrics.json" not in card.split("Not measured")[-1] or "Not measured" not in card
-    assert "SANE samples" in card
+    assert "SANE samples" in card and "### Verdict" in card and "DESIGN.md" not in card
+    assert "noise_matched_accuracy" not in card and "SANE predicts test accuracy" in card
 
 
 def test_rerun_reuses_finished_stages(fast_run, capsys):

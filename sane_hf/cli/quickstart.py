@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the main job on embedded defaults: build zoo -> train -> probe -> sample -> report",
         description=(
             "Build a digits zoo of cnn-s models, train a small SANE, probe its embeddings against baselines, "
-            "sample new models and evaluate them, and write report.md, all in one output folder. The full run "
-            "takes under 10 minutes on 2 CPU cores; --fast is a one-minute smoke version. Rerunning with the same "
+            "sample new models and evaluate them, and write report.md (with a verdict in words), all in one output "
+            "folder. The full run takes minutes on a laptop CPU (README, Performance, has the measured time); --fast "
+            "is a smoke version with tiny settings. Rerunning with the same "
             "--out reuses finished stages (an interrupted zoo build or training resumes)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("sane-quickstart"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the zoo grid and split, SANE training and sampling")
     p.add_argument("--fast", action="store_true",
-                   help="smoke settings (20 small models, a tiny SANE, 30 steps): about a minute; numbers not meaningful")
+                   help="smoke settings (20 small models, a tiny SANE, 30 steps); numbers not meaningful")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute the probe and sampling stages even when their metrics exist")
     p.add_argument("--num-threads", "--num_threads", dest="num_threads", type=positive_int, default=None,
