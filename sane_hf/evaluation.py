@@ -877,10 +877,10 @@ def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
     from matplotlib.figure import Figure  # no pyplot: headless
     from matplotlib.ticker import MaxNLocator
 
-    from sane_hf.verdicts import degenerate_baselines, group_name
+    from sane_hf.verdicts import degenerate_groups, group_name
 
     accuracy = metrics.get("accuracy") or {}
-    degenerate = {"noise_matched_accuracy"} if degenerate_baselines(metrics) else set()
+    degenerate = set(degenerate_groups(metrics))
     if not accuracy:
         return False
     transfer = metrics.get("transfer")
@@ -893,7 +893,7 @@ def plot_accuracy(metrics: Mapping[str, Any], path: str | Path) -> bool:
             xs = sorted(int(e) for e in curve)
             mean = [curve[str(e)]["mean"] for e in xs]
             std = [curve[str(e)]["std"] for e in xs]
-            label = group_name(name) + (" (degenerate: = prompts)" if name in degenerate else "")
+            label = group_name(name) + (" (degenerate)" if name in degenerate else "")
             ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label,
                         ls=":" if name in degenerate else "-")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

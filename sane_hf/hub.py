@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any
 from sane_hf.verdicts import METHOD_NAMES as _METHOD_NAMES  # one set of names for every output
 from sane_hf.verdicts import (
     degenerate_baselines,
+    degenerate_groups,
     group_name,
     method_name,
     overall_verdict,
@@ -365,7 +366,7 @@ def _curve_table(
     """Group × fine-tuning epoch table of accuracy summaries (``{group: {epoch: summary}}``)."""
     epochs = sorted({e for c in curves.values() if isinstance(c, Mapping) for e in c}, key=lambda e: float(e))
     rows = [
-        (group_name(g) + (" ⚠ degenerate (= prompt models)" if g in degenerate else ""),
+        (group_name(g) + (" ⚠ degenerate" if g in degenerate else ""),
          *(_mean_std(c.get(e)) for e in epochs))
         for g, c in curves.items() if isinstance(c, Mapping)
     ]
@@ -375,9 +376,8 @@ def _curve_table(
 
 
 def _degenerate_groups(m: Mapping[str, Any]) -> list[str]:
-    """Sampling groups whose baseline degenerated (see :func:`sane_hf.verdicts.degenerate_baselines`)."""
-    matched = (m.get("novelty") or {}).get("noise_matched_accuracy")
-    return ["noise_matched_accuracy"] if isinstance(matched, Mapping) and matched.get("matched") is False else []
+    """Sampling groups whose baseline degenerated (see :func:`sane_hf.verdicts.degenerate_groups`)."""
+    return list(degenerate_groups(m))
 
 
 def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:

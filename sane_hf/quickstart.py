@@ -61,6 +61,7 @@ from sane_hf.verdicts import (
     GROUP_NAMES,
     METHOD_NAMES,
     degenerate_baselines,
+    degenerate_groups,
     overall_verdict,
     probe_verdicts,
     property_name,
@@ -571,7 +572,7 @@ def _sampling_rows(sampling: Mapping[str, Any]) -> tuple[list[str], list[list[st
     for group, curve in accuracy.items():
         nov = novelty.get(group) if isinstance(novelty.get(group), Mapping) else {}
         rows.append([
-            _GROUP_NAMES.get(group, group) + (" ⚠ degenerate (= prompts)" if group in degenerate else ""),
+            _GROUP_NAMES.get(group, group) + (" ⚠ degenerate" if group in degenerate else ""),
             *(_mean_std(curve.get(e)) for e in epochs),
             _mean_std(nov.get("nearest_distance")), _mean_std(nov.get("agreement")),
         ])  # fmt: skip
@@ -579,8 +580,7 @@ def _sampling_rows(sampling: Mapping[str, Any]) -> tuple[list[str], list[list[st
 
 
 def _degenerate_groups(sampling: Mapping[str, Any]) -> list[str]:
-    matched = (sampling.get("novelty") or {}).get("noise_matched_accuracy")
-    return ["noise_matched_accuracy"] if isinstance(matched, Mapping) and matched.get("matched") is False else []
+    return list(degenerate_groups(sampling))
 
 
 def verdict_lines(probe: Mapping[str, Any], sampling: Mapping[str, Any]) -> list[str]:

@@ -38,6 +38,7 @@ __all__ = [
     "sampling_verdicts",
     "transfer_verdict",
     "degenerate_baselines",
+    "degenerate_groups",
     "overall_verdict",
     "join_lines",
     "readable_note",
@@ -217,22 +218,46 @@ def _versus(sampled: Any, other: Any, other_key: str, epoch: str, digits: int) -
             f"(test accuracy {_show(a, digits)} vs {_show(b, digits)}).")
 
 
-def degenerate_baselines(sampling: Mapping[str, Any]) -> list[str]:
-    """A warning per baseline that degenerated and must not be read as a comparison.
+#: A matched-accuracy noise norm this many times the prompts' own weight norm means random weights.
+_HUGE_NOISE = 10.0
+
+
+def degenerate_groups(sampling: Mapping[str, Any]) -> dict[str, str]:
+    """``{group: why}`` for every sampling baseline that degenerated and must not be read as a comparison.
 
     ``prompts + noise (matched accuracy)`` adds the one noise norm at which the noisy prompts are as
-    accurate as the samples; when the samples are better than the prompts themselves, no noise can
-    match and the baseline *is* the prompt models (``novelty.noise_matched_accuracy.matched`` false).
+    accurate as the samples. It degenerates two ways: when the samples are better than the prompts
+    themselves, no noise can match and the baseline *is* the prompt models
+    (``novelty.noise_matched_accuracy.matched`` false); when the samples are near chance, the matching
+    noise dwarfs the weights (norm over ``10x`` the prompts' weight norm) and the baseline is random
+    weights, whose distance to the zoo says nothing.
     """
-    out = []
-    matched = ((sampling or {}).get("novelty") or {}).get("noise_matched_accuracy")
-    if isinstance(matched, Mapping) and matched.get("matched") is False:
-        out.append(
-            f"{group_name('noise_matched_accuracy')} is degenerate: the samples are more accurate than the prompt "
-            "models themselves, so no amount of noise matches their accuracy and this baseline is the prompt "
-            "models unchanged (its numbers, distances included, are the prompts')."
+    out: dict[str, str] = {}
+    novelty = (sampling or {}).get("novelty") or {}
+    matched = novelty.get("noise_matched_accuracy")
+    if not isinstance(matched, Mapping):
+        return out
+    name = group_name("noise_matched_accuracy")
+    norm = _number(matched.get("noise_norm"))
+    prompts_norm = _number(((novelty.get("prompts") or {}).get("param_norm")) or None)
+    if matched.get("matched") is False:
+        out["noise_matched_accuracy"] = (
+            f"{name} is degenerate: the samples are more accurate than the prompt models themselves, so no amount "
+            "of noise matches their accuracy and this baseline is the prompt models unchanged (its numbers, "
+            "distances included, are the prompts')."
+        )
+    elif norm is not None and prompts_norm and norm > _HUGE_NOISE * prompts_norm:
+        out["noise_matched_accuracy"] = (
+            f"{name} is degenerate: matching the samples' accuracy took noise of norm {norm:.3g}, "
+            f"{norm / prompts_norm:.0f}x the prompts' own weight norm ({prompts_norm:.3g}), because the samples are "
+            "near chance; this baseline is random weights and its distance to the zoo says nothing."
         )
     return out
+
+
+def degenerate_baselines(sampling: Mapping[str, Any]) -> list[str]:
+    """A warning sentence per degenerate baseline (:func:`degenerate_groups`)."""
+    return list(degenerate_groups(sampling).values())
 
 
 def _novelty_verdict(novelty: Mapping[str, Any], digits: int) -> str | None:
@@ -242,7 +267,8 @@ def _novelty_verdict(novelty: Mapping[str, Any], digits: int) -> str | None:
         return None
     matched = novelty.get("noise_matched_accuracy") or {}
     other_key = "noise_matched_accuracy"
-    if not isinstance(matched, Mapping) or matched.get("matched") is False or _number(matched.get("nearest_distance")) is None:
+    if (not isinstance(matched, Mapping) or other_key in degenerate_groups({"novelty": novelty})
+            or _number(matched.get("nearest_distance")) is None):
         other_key = "noise"
     other = _number((novelty.get(other_key) or {}).get("nearest_distance"))
     if other is None:

@@ -6,6 +6,7 @@ import pytest
 
 from sane_hf.verdicts import (
     degenerate_baselines,
+    degenerate_groups,
     gain_verdict,
     group_name,
     method_name,
@@ -116,3 +117,17 @@ def test_readable_names():
     assert method_name("layer_stats") == "layer statistics"
     assert group_name("noise_matched_accuracy") == "prompts + noise (matched accuracy)"
     assert group_name("something_new") == "something new"
+
+
+def test_huge_matching_noise_is_flagged_as_random_weights():
+    sampling = _sampling((0.1, 0.3), (0.2, 0.5), (0.1, 0.2))
+    sampling["novelty"]["noise_matched_accuracy"]["noise_norm"] = 6775693.3
+    sampling["novelty"]["prompts"] = {"param_norm": _summary(11.0)}
+    groups = degenerate_groups(sampling)
+    assert list(groups) == ["noise_matched_accuracy"]
+    assert "noise of norm 6.78e+06, 615972x the prompts' own weight norm (11)" in groups["noise_matched_accuracy"]
+    lines = sampling_verdicts(sampling)
+    assert lines[-1].startswith("WARNING: prompts + noise (matched accuracy) is degenerate")
+    assert not any("than prompts + noise (matched accuracy)" in line for line in lines)
+    sampling["novelty"]["noise_matched_accuracy"]["noise_norm"] = 5.0  # half the weights' norm: a real baseline
+    assert degenerate_groups(sampling) == {}

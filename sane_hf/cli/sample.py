@@ -129,9 +129,9 @@ def _fmt(summary: dict[str, Any] | None) -> str:
 
 def format_report(metrics: dict[str, Any]) -> str:
     """The evaluation in readable tables, degenerate baselines flagged, and one verdict line per claim."""
-    from sane_hf.verdicts import degenerate_baselines, group_name, overall_verdict, sampling_verdicts
+    from sane_hf.verdicts import degenerate_groups, group_name, overall_verdict, sampling_verdicts
 
-    degenerate = {"noise_matched_accuracy"} if degenerate_baselines(metrics) else set()
+    degenerate = set(degenerate_groups(metrics))
 
     def name_of(key: str) -> str:
         return group_name(key) + (" [degenerate]" if key in degenerate else "")
