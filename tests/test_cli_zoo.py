@@ -98,7 +98,7 @@ def test_missing_optional_dataset_is_one_line_with_the_install_command(tmp_path,
 
 def test_help_texts_are_consistent(capsys):
     for argv in (["zoo", "build", "--help"], ["zoo", "import", "--help"], ["probe", "--help"], ["sample", "--help"],
-                 ["train", "--help"], ["quickstart", "--help"]):
+                 ["train", "--help"], ["quickstart", "--help"], ["push", "--help"]):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())

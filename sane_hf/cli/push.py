@@ -26,6 +26,8 @@ __all__ = ["register", "run_push"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sane_hf.cli._common import add_runtime_flags
+
     p = subparsers.add_parser(
         "push",
         help="publish a trained SANE model (and its zoo) on the Hugging Face Hub",
@@ -59,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stage and check, print the files that would be pushed; no network")
     p.add_argument("--manifest", type=Path, default=None,
                    help="also write what was (or would be) pushed as JSON to this file")
+    add_runtime_flags(p)
     p.set_defaults(func=run_push)
 
 
@@ -82,7 +85,14 @@ def _describe(result: Any, dry_run: bool) -> list[str]:
 
 
 def run_push(args: argparse.Namespace) -> int:
+    from sane_hf.cli._common import apply_num_threads
     from sane_hf.hub import push_model, push_zoo
+
+    apply_num_threads(args.num_threads)
+    if args.no_progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
     if args.model is None and args.zoo is None:
         raise SystemExit("sane-hf push: nothing to push: give --model (with --repo-id) and/or --zoo (with --dataset-repo-id)")
