@@ -117,7 +117,7 @@ def test_dry_run_stages_and_lists_without_network(train_folder, zoo_folder, tmp_
     config = json.loads((staging / "config.json").read_text())
     assert "weight-sampling" in config["custom_pipelines"] and "AutoModel" in config["auto_map"]
     card = (staging / "README.md").read_text()
-    assert "0.4321" in card and f"| `test_acc` | R² | 0.3141 | 0.2718 | {NOT_MEASURED} |" in card and "org/cli-zoo" in card
+    assert "0.4321" in card and f"| test accuracy (`test_acc`) | R² | 0.3141 | 0.2718 | {NOT_MEASURED} |" in card and "org/cli-zoo" in card
     pushes = json.loads(manifest.read_text())["pushes"]
     assert [p["repo_type"] for p in pushes] == ["dataset", "model"] and all(p["url"] is None for p in pushes)
     assert set(pushes[1]["files"]) == staged
