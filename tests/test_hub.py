@@ -341,7 +341,7 @@ def test_push_model_commits_exactly_the_repo_files(model_folder):
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "transformers" and "weight-space-learning" in card.data.tags
     assert card.data.datasets == [ZOO_REPO_ID]
-    assert "0.8765" in card.text and "| `test_acc` | R² | 0.6123 | 0.9345 | 0.4012 |" in card.text
+    assert "0.8765" in card.text and "| test accuracy (`test_acc`) | R² | 0.6123 | 0.9345 | 0.4012 |" in card.text
     assert json.loads(files["metrics.json"]) == TRAIN_METRICS
     assert json.loads(files["probe_metrics.json"]) == PROBE_METRICS
     assert json.loads(files["weight_tokenizer.json"]) == json.loads((model_folder / "weight_tokenizer.json").read_text())
