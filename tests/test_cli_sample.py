@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from safetensors import safe_open
@@ -30,7 +31,7 @@ def test_sample_evaluate_writes_metrics_png_and_samples(zoo_and_model, capsys):
     printed = capsys.readouterr().out
     assert "random init" in printed and "nearest training checkpoint" in printed and "random_init" not in printed
     assert "SANE samples beat random init" in printed or "SANE samples trail random init" in printed
-    assert "prompts: 3 of 5 requested, the best test models at epoch 2" in printed
+    assert re.search(r"prompts: \d of 5 requested, the best test models at epoch 2", printed)
     assert (out / "accuracy_vs_epoch.png").stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == GROUPS
