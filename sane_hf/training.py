@@ -559,6 +559,8 @@ def _check_model_fits(config: SaneConfig, tokenizer: WeightTokenizer, num_tokens
             f"({num_tokens} tokens per checkpoint); use a SaneConfig with window_size <= {num_tokens} "
             "(and halo_size < window_size / 2)"
         )
+    if config.position_encoding != "learned-tables":
+        return  # the sinusoid-projection position code has no upper bound
     max_rows = max((layer.num_rows for layer in tokenizer.layers), default=0)
     if tokenizer.num_layers > config.max_positions[1] or max_rows > config.max_positions[2]:
         raise ValueError(

@@ -66,8 +66,8 @@ def test_config_defaults_and_docstring_example():
     default = SaneConfig()
     assert default.d_model % default.num_heads == 0 and 2 * default.halo_size < default.window_size
     for field in ("token_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "mlp_ratio",
-                  "latent_dim", "dropout", "max_positions", "projection_dim", "gamma", "temperature",
-                  "window_size", "halo_size"):
+                  "latent_dim", "dropout", "max_positions", "position_encoding", "projection_dim", "gamma",
+                  "temperature", "window_size", "halo_size"):
         assert f"{field} (`" in SaneConfig.__doc__, field
 
 
@@ -87,6 +87,7 @@ def test_config_defaults_and_docstring_example():
         {"max_positions": (1000, 0, 32)},
         {"halo_size": 8, "window_size": 16},  # window keeps no token
         {"latent_dim": 0},
+        {"position_encoding": "rope"},
     ],
 )
 def test_invalid_config_raises(overrides):
@@ -208,13 +209,13 @@ def test_loss_falls_when_overfitting_four_windows():
     x = make_inputs(batch=4, tokens=8, pad_tokens=2, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(50):
+    for _ in range(120):
         out = model(**x, tokens_2=x["tokens"] + 0.01 * torch.randn_like(x["tokens"]))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
         losses.append(out.reconstruction_loss.item())
-    assert losses[-1] < 0.3 * losses[0], losses[::10]
+    assert losses[-1] < 0.3 * losses[0], losses[::20]
 
 
 def test_gradient_checkpointing_gives_same_gradients():
@@ -258,14 +259,82 @@ def test_eager_and_sdpa_agree_with_padding():
 # ---------------------------------------------------------------------------------- positions
 
 
-def test_positions_beyond_learned_tables_raise_naming_axis():
+def test_no_position_axis_is_capped():
+    # a BERT-size word embedding has 30,522 rows: row indices far beyond max_positions are encoded, not rejected
     model = tiny_model()
     x = make_inputs()
-    for axis, limit, name in ((1, 16, "layer index"), (2, 32, "row index")):
+    far = x["positions"].clone()
+    far[..., 1] += 600
+    far[..., 2] += 30_000
+    latents = model.encode(x["tokens"], far, x["attention_mask"]).latents
+    assert torch.isfinite(latents).all()
+    assert not torch.allclose(latents, model.encode(x["tokens"], x["positions"], x["attention_mask"]).latents)
+
+
+def test_negative_positions_raise_naming_axis():
+    model = tiny_model()
+    x = make_inputs()
+    for axis, name in ((0, "global token index"), (1, "layer index"), (2, "row index")):
         positions = x["positions"].clone()
-        positions[0, 0, axis] = limit
-        with pytest.raises(ValueError, match=rf"(?s){name}.*max_positions\[{axis}\]"):
+        positions[0, 0, axis] = -1
+        with pytest.raises(ValueError, match=name):
             model.encode(x["tokens"], positions)
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_position_embedding_starts_at_the_scale_of_the_content(stack):
+    # an unscaled sinusoid was measured at ~7x (encoder) and ~65x (decoder) the projected content at init;
+    # with unit-variance inputs the position code must start within 2x of the content, either way
+    torch.manual_seed(0)
+    config = SaneConfig(token_size=64, d_model=64, latent_dim=16, num_encoder_layers=2, num_decoder_layers=2,
+                        window_size=54, halo_size=0)
+    model = SaneModel(config)
+    module = getattr(model, stack)
+    width = config.token_size if stack == "encoder" else config.latent_dim
+    inputs = torch.randn(8, 54, width)
+    n = torch.arange(54)
+    positions = torch.stack([n, n // 11, n % 11], -1).expand(8, 54, 3)
+    with torch.no_grad():
+        content = module.input_proj(inputs).pow(2).mean().sqrt()
+        position = module.embed_positions(positions).pow(2).mean().sqrt()
+    assert 0.5 <= float(position / content) <= 2.0, (float(position), float(content))
+
+
+def test_position_parameters_do_not_grow_with_the_zoo():
+    # no per-index tables: the position code holds 3·d_model² weights per stack whatever max_positions says
+    small = tiny_model(max_positions=(1000, 16, 32))
+    large = tiny_model(max_positions=(100_000, 4096, 100_000))
+    count = sum(p.numel() for p in small.encoder.embed_positions.parameters())
+    assert count == 3 * 32 * 32
+    assert count == sum(p.numel() for p in large.encoder.embed_positions.parameters())
+
+
+def test_legacy_checkpoint_without_position_encoding_loads_with_learned_tables(tmp_path):
+    # configs saved before `position_encoding` existed hold learned l/k tables: they load as "learned-tables"
+    legacy = tiny_model(position_encoding="learned-tables")
+    legacy.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    data = json.loads(config_file.read_text())
+    del data["position_encoding"]
+    config_file.write_text(json.dumps(data))
+    loaded = SaneModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.position_encoding == "learned-tables"
+    x = make_inputs()
+    torch.testing.assert_close(loaded.encode(x["tokens"], x["positions"]).latents,
+                               legacy.encode(x["tokens"], x["positions"]).latents)
+    positions = x["positions"].clone()
+    positions[0, 0, 2] = 32  # beyond the legacy row table: the error says to retrain
+    with pytest.raises(ValueError, match=r"(?s)row index.*retrain"):
+        loaded.encode(x["tokens"], positions)
+    assert SaneConfig().position_encoding == "sinusoid-projection"  # new models never get tables
+
+
+def test_unpadded_batch_gives_the_same_result_with_or_without_attention_mask():
+    model = tiny_model()
+    x = make_inputs(pad_tokens=0)
+    all_real = torch.ones(x["tokens"].shape[:2], dtype=torch.bool)
+    torch.testing.assert_close(model.encode(x["tokens"], x["positions"], all_real).latents,
+                               model.encode(x["tokens"], x["positions"]).latents)
 
 
 def test_global_index_is_unbounded():
