@@ -61,6 +61,10 @@ class SaneConfig(PreTrainedConfig):
             scale of the token content). `"learned-tables"`: the layout of checkpoints saved before
             this field existed (unscaled sinusoid for `n`, learned tables for `l` and `k`); configs
             without the field load with it, so those checkpoints keep working.
+        latent_norm (`bool`, *optional*, defaults to `True`):
+            Apply a final LayerNorm to the encoder's residual stream before the latent projection.
+            `False` makes each token's latent a linear map of the residual stream, which keeps the
+            token's magnitude (a LayerNorm divides it out).
         projection_dim (`int`, *optional*, defaults to 64):
             Output size of the projection head (an MLP on mean-pooled latents) used only by the
             contrastive loss.
@@ -109,6 +113,7 @@ class SaneConfig(PreTrainedConfig):
     dropout: float | int = 0.0  # measured: dropout 0.1 slowed learning and cost a third of CPU throughput
     max_positions: list[int] | tuple[int, ...] = (100_000, 512, 4096)  # wavelength scales of (n, l, k)
     position_encoding: str = "sinusoid-projection"
+    latent_norm: bool = True
     projection_dim: int = 64
     gamma: float | int = 0.05  # paper's starting point: mostly reconstruction
     temperature: float | int = 0.1  # SimCLR-style temperature

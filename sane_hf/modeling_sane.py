@@ -371,13 +371,13 @@ class SaneStack(nn.Module):
     The encoder maps `token_size -> latent_dim`, the decoder `latent_dim -> token_size`.
     """
 
-    def __init__(self, config: SaneConfig, in_dim: int, out_dim: int, num_layers: int):
+    def __init__(self, config: SaneConfig, in_dim: int, out_dim: int, num_layers: int, final_norm: bool = True):
         super().__init__()
         self.input_proj = nn.Linear(in_dim, config.d_model)
         self.embed_positions = POSITION_EMBEDDINGS[config.position_encoding](config)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([SaneLayer(config) for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(config.d_model)
+        self.norm = nn.LayerNorm(config.d_model) if final_norm else nn.Identity()
         self.output_proj = nn.Linear(config.d_model, out_dim)
 
     def forward(
@@ -458,7 +458,9 @@ class SaneModel(SanePreTrainedModel):
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)
-        self.encoder = SaneStack(config, config.token_size, config.latent_dim, config.num_encoder_layers)
+        self.encoder = SaneStack(
+            config, config.token_size, config.latent_dim, config.num_encoder_layers, final_norm=config.latent_norm
+        )
         self.decoder = SaneStack(config, config.latent_dim, config.token_size, config.num_decoder_layers)
         self.projection_head = SaneProjectionHead(config)
         self.post_init()

@@ -698,7 +698,7 @@ def evaluate_zoo_probes(
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 32,
-    pooling: str = "mean",
+    pooling: str | None = None,
     normalize: bool = True,
     raw_max_params: int = 50_000,
     refit: str = "train",
@@ -722,7 +722,9 @@ def evaluate_zoo_probes(
             (``load_zoo(path)``), split by model.
         targets: properties to probe (must be zoo columns).
         methods: feature sets among ``("sane", "layer_stats", "raw")``.
-        window, halo, batch_size, pooling, normalize: passed to ``embed_models``.
+        window, halo, batch_size, pooling, normalize: passed to ``embed_models``; ``pooling=None`` is
+            :data:`~sane_hf.embedding.DEFAULT_POOLING` (per-layer mean and std of token latents), the
+            readout every command uses.
         raw_max_params: the raw-weights baseline is skipped (with a note) above this many weights.
         refit, alphas, Cs, categorical, num_threads: passed to :func:`probe_properties`.
         extra_columns: zoo columns to carry into ``report.properties`` without probing them
@@ -736,7 +738,9 @@ def evaluate_zoo_probes(
         ValueError: a model in two splits, a split with fewer than 3 models, a target missing from
             the zoo, an unknown method; errors of ``embed_models`` (weights not matching the tokenizer).
     """
-    from sane_hf.embedding import embed_models, resolve_window
+    from sane_hf.embedding import DEFAULT_POOLING, embed_models, resolve_window
+
+    pooling = DEFAULT_POOLING if pooling is None else pooling
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from sane_hf.configuration_sane import SaneConfig
+from sane_hf.embedding import DEFAULT_POOLING
 from sane_hf.evaluation import SamplingEvalConfig
 from sane_hf.probing import METHODS
 from sane_hf.training import SaneTrainingConfig, sane_config_preset
@@ -107,10 +108,10 @@ class ProbeSettings:
     )
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "Feature sets compared."})
     pooling: str = field(
-        default="flatten",
-        metadata={"help": "Token-latent pooling of the SANE embedding. 'flatten' (all 54 token latents, 864 values "
-                          "for the quickstart's cnn-s) is affordable for small networks and measured R² 0.58 for "
-                          "test_acc where 'mean' (the paper's, for networks of any size) gave 0.06-0.19."},
+        default=DEFAULT_POOLING,
+        metadata={"help": "Token-latent readout of the SANE embedding; the default is the one of `sane-hf probe` "
+                          "and embed_models (per-layer mean and std of token latents, chosen by "
+                          "benchmarks/learning_curves.py), so the quickstart and the CLI give the same numbers."},
     )
     batch_size: int = field(default=64, metadata={"help": "Windows per SANE forward pass while embedding."})
     raw_max_params: int = field(default=50_000, metadata={"help": "Skip the raw-weights baseline above this size."})

@@ -38,14 +38,14 @@ def test_train_command_writes_a_loadable_folder(zoo_dir, tmp_path, capsys):
 
 
 def test_preset_window_shrinks_to_short_models(zoo_dir, tmp_path, capsys):
-    # digits cnn-s is 54 tokens at token size 64: the `defaults` preset (window 64) trains on whole models
+    # digits cnn-s is 54 tokens at token size 64: the default preset (window 64) trains on whole models, no halo
     out = tmp_path / "run"
     args = ["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "1", "--save-steps", "0",
             "--batch-size", "4", "--num-threads", "1", "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    assert "training on whole-model windows (window_size=54, halo_size=8)" in capsys.readouterr().out
+    assert "training on whole-model windows (window_size=54, halo_size=0)" in capsys.readouterr().out
     config = SaneModel.from_pretrained(out).config
-    assert (config.window_size, config.halo_size, config.token_size) == (54, 8, 64)
+    assert (config.window_size, config.halo_size, config.token_size) == (54, 0, 64)
     # an explicit window that is too long is still an error
     with pytest.raises(SystemExit, match=r"window_size \(64\) is larger than the sequences"):
         main(["train", "--zoo", str(zoo_dir), "--out", str(tmp_path / "x"), "--window-size", "64", *args[5:]])

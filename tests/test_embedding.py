@@ -14,7 +14,15 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 
 from sane_hf.configuration_sane import SaneConfig
-from sane_hf.embedding import EmbeddingOutput, embed_models, encode_haloed, resolve_window, window_plan
+from sane_hf.embedding import (
+    DEFAULT_POOLING,
+    EmbeddingOutput,
+    embed_models,
+    encode_haloed,
+    layer_pool,
+    resolve_window,
+    window_plan,
+)
 from sane_hf.modeling_sane import SaneModel
 from sane_hf.tokenization_sane import WeightTokenizer
 from sane_hf.zoo.dataset import state_dict_to_bytes, tokenize_zoo
@@ -77,7 +85,7 @@ def full_latents(model: SaneModel, tok: WeightTokenizer, net: nn.Module) -> torc
 
 def test_one_window_equals_full_sequence(sane, tok, nets):
     assert tok.num_tokens == 12 and resolve_window(sane.config) == (12, 2)
-    out = embed_models(sane, tok, nets, return_token_latents=True)
+    out = embed_models(sane, tok, nets, return_token_latents=True, pooling="mean")
     assert isinstance(out, EmbeddingOutput)
     assert out.embeddings.shape == (4, 4) and out.token_latents.shape == (4, 12, 4)
     for i, net in enumerate(nets):
@@ -168,13 +176,46 @@ def test_pooling_modes(sane, tok, nets):
     assert out["embeddings"] is out.embeddings  # a transformers ModelOutput
 
 
+def test_layer_pool_hand_computed():
+    # two models, 4 tokens in layers [0, 0, 1, 2], latents of size 2
+    latents = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [5.0, -1.0], [0.0, 0.0]],
+                            [[0.0, 0.0], [2.0, 2.0], [1.0, 1.0], [4.0, 8.0]]])
+    layer_ids = torch.tensor([0, 0, 1, 2])
+    expected = torch.tensor([
+        # layer 0: mean, std (population)     layer 1 (one token): mean, std 0      layer 2
+        [2.0, 4.0, 1.0, 2.0, 5.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 4.0, 8.0, 0.0, 0.0],
+    ])
+    torch.testing.assert_close(layer_pool(latents, layer_ids), expected)
+    # padding tokens are left out: masking token 1 leaves layer 0 with token 0 alone
+    mask = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    got = layer_pool(latents, layer_ids, mask)
+    torch.testing.assert_close(got[0, :4], torch.tensor([1.0, 2.0, 0.0, 0.0]))
+    torch.testing.assert_close(got[1], expected[1])
+
+
+def test_layer_pooling_is_the_default_and_invariant_to_token_order_within_a_layer(sane, tok, nets):
+    assert DEFAULT_POOLING == "layer"
+    out = embed_models(sane, tok, nets, return_token_latents=True)
+    layer_ids = tok.encode(nets[0]).positions[:, 1]
+    num_layers = int(layer_ids.max()) + 1
+    assert out.embeddings.shape == (len(nets), 2 * num_layers * sane.config.latent_dim)
+    torch.testing.assert_close(out.embeddings, layer_pool(out.token_latents, layer_ids), atol=ATOL, rtol=0)
+    # shuffling the tokens of each layer (as a neuron permutation does) leaves the readout unchanged
+    lat = out.token_latents.clone()
+    for layer in range(num_layers):
+        idx = torch.nonzero(layer_ids == layer).flatten()
+        lat[:, idx] = lat[:, idx.flip(0)]
+    torch.testing.assert_close(layer_pool(lat, layer_ids), out.embeddings, atol=ATOL, rtol=0)
+
+
 def test_streams_without_token_latents_and_restores_training_mode(tok, nets):
     model = tiny_sane()
     model.train()
-    out = embed_models(model, tok, iter(nets))
+    out = embed_models(model, tok, iter(nets), pooling="mean")
     assert out.token_latents is None and out.embeddings.shape == (4, 4)
     assert model.training  # restored; eval mode inside (no dropout noise)
-    assert torch.equal(embed_models(model, tok, nets).embeddings, out.embeddings)
+    assert torch.equal(embed_models(model, tok, nets, pooling="mean").embeddings, out.embeddings)
 
 
 @pytest.mark.parametrize("family", ["cnn_bn", "bert", "resnet18"])

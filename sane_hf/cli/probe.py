@@ -35,7 +35,7 @@ _PLOT_PROPERTY = "test_acc"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import add_runtime_flags
-    from sane_hf.embedding import POOLINGS
+    from sane_hf.embedding import DEFAULT_POOLING, POOLINGS
     from sane_hf.probing import DEFAULT_TARGETS, METHODS
 
     p = subparsers.add_parser(
@@ -66,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"properties to probe (default: {' '.join(DEFAULT_TARGETS)})")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="feature sets to compare (default: all)")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token-latent pooling (default: mean)")
+    p.add_argument("--pooling", choices=POOLINGS, default=DEFAULT_POOLING,
+                   help=f"token-latent readout (default: {DEFAULT_POOLING}: per-layer mean and std of token latents, "
+                        "the readout benchmarks/learning_curves.py chose)")
     p.add_argument("--window", type=int, default=None,
                    help="content tokens per window (default: window_size - 2*halo_size of the model config)")
     p.add_argument("--halo", type=int, default=None, help="context tokens on each side (default: halo_size)")

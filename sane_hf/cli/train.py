@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from transformers import HfArgumentParser
 
     from sane_hf.cli._common import HelpFormatter
-    from sane_hf.training import PRESETS, SaneTrainingConfig
+    from sane_hf.training import DEFAULT_PRESET, PRESETS, SaneTrainingConfig
 
     fields = HfArgumentParser(SaneTrainingConfig, add_help=False)
     train = subparsers.add_parser(
@@ -54,9 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="zoo folder: raw (sane-hf zoo build/import) or tokenized (save_to_disk) with its tokenizer")
     group.add_argument("--out", dest="output_dir", default=argparse.SUPPRESS,
                        help="output folder (same as --output_dir)")
-    group.add_argument("--config", dest="preset", choices=sorted(PRESETS), default="defaults",
-                       help="SaneConfig preset: small = tiny fast CPU model, defaults = SaneConfig defaults, "
-                            "large = bigger, for GPUs")
+    group.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                       help=f"SaneConfig preset (default: {DEFAULT_PRESET}, the recipe of the quickstart and of "
+                            "benchmarks/learning_curves.py): small = fast CPU model, defaults = SaneConfig defaults "
+                            "(wider and deeper), large = bigger, for GPUs")
     group.add_argument("--model-config", type=Path, default=None,
                        help="a SaneConfig config.json to use instead of a preset (token_size must match the zoo)")
     group.add_argument("--tokenizer", type=Path, default=None,
@@ -137,13 +138,12 @@ def _fit_preset_window(config: Any, args: argparse.Namespace, token_size: int) -
     num_tokens = _zoo_num_tokens(args, token_size)
     if num_tokens is None or config.window_size <= num_tokens:
         return
-    halo = min(config.halo_size, max(0, (num_tokens - 1) // 4))
     print(
         f"sane-hf train: the zoo's models are {num_tokens} tokens long, shorter than the {args.preset!r} preset's "
-        f"window ({config.window_size}); training on whole-model windows (window_size={num_tokens}, "
-        f"halo_size={halo}). Pass --window-size to choose another."
+        f"window ({config.window_size}); training on whole-model windows (window_size={num_tokens}, halo_size=0). "
+        "Pass --window-size to choose another."
     )
-    config.halo_size = halo
+    config.halo_size = 0
     config.window_size = num_tokens
 
 
