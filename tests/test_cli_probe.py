@@ -81,3 +81,22 @@ def test_probe_cli_kfold_on_a_ten_model_zoo(zoo_and_model, tmp_path, capsys):
     assert (out / "pred_vs_true_test_acc.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="fewer than the 20 folds"):
         main([*base, "--out", str(tmp_path / "x"), "--split-by", "model", "--folds", "20"])
+
+
+def test_cli_probe_and_quickstart_probe_give_identical_numbers(zoo_and_model, tmp_path):
+    # one recipe: `sane-hf probe` and the quickstart's probe stage use the same readout and give the same numbers
+    from sane_hf import load_zoo
+    from sane_hf.embedding import DEFAULT_POOLING
+    from sane_hf.quickstart import QuickstartConfig, _stage_probe
+
+    root = zoo_and_model
+    assert main(["probe", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(tmp_path / "cli"),
+                 "--no-progress", "--no-plots"]) == 0
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    config = QuickstartConfig.fast()
+    assert config.probe.pooling == DEFAULT_POOLING == cli["info"]["pooling"]
+    _stage_probe(config, root / "sane", load_zoo(root / "zoo"), root / "zoo", tmp_path / "qs", progress=False)
+    quick = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    for target in config.probe.targets:
+        for method in config.probe.methods:
+            assert quick["metrics"][target][method] == cli["metrics"][target][method], (target, method)
