@@ -204,7 +204,9 @@ def test_evaluate_zoo_probes(zoo_and_model):
         assert math.isfinite(report["test_acc"][method])
     assert report["optimizer"]["sane"] is None and any("optimizer" in n and "one class" in n for n in report.notes)
     assert report["test_acc"]["layer_stats"] > 0.5  # |w| statistics predict a function of |w|
-    assert report.embeddings["test"].shape == (8, 4) and report.info["test_models"] == 4
+    num_layers = tok.num_layers  # the default readout: per-layer mean and std of the 4-d token latents
+    assert report.embeddings["test"].shape == (8, 2 * num_layers * 4) and report.info["test_models"] == 4
+    assert report.info["pooling"] == "layer"
     payload = json.loads(json.dumps(report.to_dict()))
     assert payload["metrics"]["test_acc"]["raw"] == pytest.approx(report["test_acc"]["raw"])
     assert "property" in report.table() and "layer_stats" in report.table()
