@@ -153,7 +153,7 @@ def _measure(model_dir: Path, zoo_dir: Path, readouts: tuple[str, ...], sample: 
     for readout in readouts:
         methods = ("sane", "layer_stats") if readout == readouts[0] else ("sane",)
         report = evaluate_zoo_probes(model, tokenizer, zoo, TARGETS, methods=methods, pooling=readout)
-        out["probe"][readout] = report.metrics
+        out["probe"][readout] = {t: dict(row) for t, row in report.items()}
     if sample:
         cfg = SamplingEvalConfig(
             num_samples=8, num_prompts=8, bandwidth=0.1, score="train-acc", candidates=32, finetune_epochs=(0,),
