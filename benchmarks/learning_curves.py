@@ -169,10 +169,10 @@ def _measure(model_dir: Path, zoo_dir: Path, readouts: tuple[str, ...], sample: 
 def run_row(row: Row, work: Path) -> dict[str, Any]:
     import torch
 
+    from sane_hf import load_zoo
     from sane_hf.embedding import _state_dict_from_bytes
     from sane_hf.tokenization_sane import WeightTokenizer
     from sane_hf.training import SaneTrainingConfig, latest_checkpoint, sane_config_preset, train_sane
-    from sane_hf import load_zoo
 
     torch.set_num_threads(1)
     variant = VARIANTS[row.variant]

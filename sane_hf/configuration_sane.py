@@ -9,7 +9,6 @@ transformers (and huggingface_hub through it), never ``sane_hf``.
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
-
 #: Position encodings a model may use; the first is the default (see `SaneConfig.position_encoding`).
 POSITION_ENCODINGS = ("sinusoid-projection", "learned-tables")
 
