@@ -138,7 +138,7 @@ def test_bring_your_own_zoo_end_to_end(user_zoo, capsys):
                  "--num-samples", "4", "--num-prompts", "4", "--finetune-epochs", "0,1", "--max-neighbours", "6",
                  "--bn-samples", "64", "--candidates", "8", "--no-plots", "--no-progress"]) == 0
     printed = capsys.readouterr()
-    assert "random_init" in printed.out and "diversity" in printed.out
+    assert "random init" in printed.out and "diversity" in printed.out
     assert "Loading weights" not in printed.err and "Generating" not in printed.err  # --no-progress: no bars at all
     metrics = json.loads((samples / "metrics.json").read_text())
     assert metrics["arch"] == "my_zoo_code:build_net" and metrics["task"] == "my_zoo_code:load_data"
