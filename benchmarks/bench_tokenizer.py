@@ -1,26 +1,49 @@
-"""Speed of the weight tokenizer: vectorised encode+decode vs a per-row Python implementation.
+"""Speed of the weight tokenizer against a copy-bound baseline, a per-row Python loop and older versions.
 
-Both implementations follow the same scheme and the same `WeightTokenizer` spec (the baseline
-loops over every row of every layer, concatenating the row's weight and bias values and cutting
-them into tokens, and back); each run checks that they produce identical tokens and that both
-decode bit for bit to the input. Models: `cnn-s` (28×28, 2,464 params), `resnet18` (width 64,
-11.2 M params) and a BERT-base-sized `BertModel` (`BertConfig()` defaults, random init, 110 M
-params). One thread (`torch.set_num_threads(1)`). Results go to `benchmarks/results/tokenizer.json`.
+Per model and token size, one thread (`torch.set_num_threads(1)`), in one process, the
+implementations run **alternately** (one encode + decode of each per round; best round kept):
+
+- `sane_hf`: `WeightTokenizer.encode` + `decode`, fresh outputs (what a caller gets by default);
+- `sane_hf_out`: the same writing into preallocated outputs (`encode(sd, out=buf)`,
+  `decode(tokens, out=sd_buf)`), i.e. no allocation per call;
+- `copy_bound`: `torch.cat` of all flattened float tensors + copy back into fresh tensors of the
+  original shapes — the least a lossless layout change must do (it moves every value once each
+  way), with torch's allocator; `copy_bound_out`: the same into preallocated buffers (pure copies);
+- `per_row`: the same scheme and spec as a straightforward per-row Python loop (checked to give
+  identical tokens);
+- `--previous REV`: sane_hf's tokenizer as of git revision REV (its own layout, e.g. unpacked
+  BatchNorm rows), loaded from `git show REV:sane_hf/tokenization_sane.py`;
+- `--compare FILE`: other implementations from a Python file kept outside this repository that
+  defines `COMPARISONS = {name: (encode, decode)}` with `encode(state_dict, token_size) -> tokens
+  or (tokens, ...)` and `decode(encoded, state_dict, token_size) -> state_dict` (how the SANE
+  reference implementation was timed; nothing here imports it).
+
+Throughput `gb_per_s` = 2 × bytes of the tokenized float tensors / (encode + decode seconds): the
+payload moved once in each direction, the same definition for every row, so ratios of GB/s are
+ratios of time. Every row's round trip is checked bit for bit. Models: `cnn-s` (28×28, 2,464
+params), `resnet18` (CIFAR-style, width 64, 11.2 M params, BatchNorm) and a BERT-base-sized
+`BertModel` (random init, 110 M params). Results go to `benchmarks/results/tokenizer.json`.
 
     python benchmarks/bench_tokenizer.py
-    python benchmarks/bench_tokenizer.py --models cnn-s resnet18 --repeats 5
+    python benchmarks/bench_tokenizer.py --models resnet18 --token-sizes 288 64 --previous fd61ad1 \\
+        --compare /tmp/reference_adapter.py --rounds 7
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,26 +84,28 @@ def _bert_base() -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# the baseline: the same scheme, one row at a time
+# baselines
 # ----------------------------------------------------------------------------------------------
 
 
 def encode_per_row(tok: WeightTokenizer, sd: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Straightforward tokenization: Python loop over layers and rows."""
+    """Straightforward tokenization: Python loop over layers and channels (packed or not)."""
     d = tok.token_size
     tokens = torch.zeros(tok.num_tokens, d)  # (N, d)
     mask = torch.zeros(tok.num_tokens, d, dtype=torch.bool)  # (N, d)
     positions = torch.zeros(tok.num_tokens, 3, dtype=torch.int32)  # (N, 3)
+    flat, flat_mask = tokens.view(-1), mask.view(-1)
     for index, layer in enumerate(tok.layers):
-        matrices = [sd[key].reshape(layer.num_rows, -1).float() for key in layer.keys]  # (rows, cols) each
-        width = layer.tokens_per_row * d
+        matrices = [sd[key].reshape(layer.num_channels, -1).float() for key in layer.keys]  # (C, cols) each
+        pack, width = layer.channels_per_row, layer.tokens_per_row * d  # channel c: row c // pack, slot c % pack
+        for channel in range(layer.num_channels):
+            row, slot = divmod(channel, pack)
+            start = layer.token_start * d + row * width + slot * layer.row_length
+            flat[start : start + layer.row_length] = torch.cat([m[channel] for m in matrices])  # (row_length,)
+            flat_mask[start : start + layer.row_length] = True
         for row in range(layer.num_rows):
             n0 = layer.token_start + row * layer.tokens_per_row
             n1 = n0 + layer.tokens_per_row
-            padded = torch.zeros(width)  # (T*d,)
-            padded[: layer.row_length] = torch.cat([m[row] for m in matrices])  # (row_length,)
-            tokens[n0:n1] = padded.view(layer.tokens_per_row, d)  # (T, d)
-            mask[n0:n1].view(-1)[: layer.row_length] = True
             positions[n0:n1, 0] = torch.arange(n0, n1, dtype=torch.int32)
             positions[n0:n1, 1] = index
             positions[n0:n1, 2] = row
@@ -88,16 +113,18 @@ def encode_per_row(tok: WeightTokenizer, sd: dict[str, Tensor]) -> tuple[Tensor,
 
 
 def decode_per_row(tok: WeightTokenizer, tokens: Tensor) -> OrderedDict[str, Tensor]:
-    """Straightforward detokenization: Python loop over layers and rows."""
+    """Straightforward detokenization: Python loop over layers and channels."""
+    d = tok.token_size
+    flat = tokens.reshape(-1)
     matrices: dict[str, Tensor] = {}
     for layer in tok.layers:
-        outs = [torch.empty(layer.num_rows, cols) for cols in layer.columns]  # (rows, cols) each
-        for row in range(layer.num_rows):
-            start = layer.token_start + row * layer.tokens_per_row
-            values = tokens[start : start + layer.tokens_per_row].reshape(-1)[: layer.row_length]  # (row_length,)
-            offset = 0
+        outs = [torch.empty(layer.num_channels, cols) for cols in layer.columns]  # (C, cols) each
+        pack, width = layer.channels_per_row, layer.tokens_per_row * d  # channel c: row c // pack, slot c % pack
+        for channel in range(layer.num_channels):
+            row, slot = divmod(channel, pack)
+            offset = layer.token_start * d + row * width + slot * layer.row_length
             for out, cols in zip(outs, layer.columns):
-                out[row] = values[offset : offset + cols]
+                out[channel] = flat[offset : offset + cols]
                 offset += cols
         matrices.update(zip(layer.keys, outs))
     result: OrderedDict[str, Tensor] = OrderedDict()
@@ -112,75 +139,174 @@ def decode_per_row(tok: WeightTokenizer, tokens: Tensor) -> OrderedDict[str, Ten
     return result
 
 
+def copy_bound(sd: dict[str, Tensor]) -> tuple[Callable[[], Tensor], Callable[[Tensor], dict], Callable, Callable]:
+    """The copy-bound baseline: concatenate every float tensor, copy back into tensors of the original shapes."""
+    keys = [k for k, v in sd.items() if v.is_floating_point()]
+    flats = [sd[k].reshape(-1) for k in keys]
+    sizes = [f.numel() for f in flats]
+    buf = torch.empty(sum(sizes))
+    outs = {k: torch.empty_like(sd[k]) for k in keys}
+
+    def encode() -> Tensor:
+        return torch.cat(flats)
+
+    def decode(flat: Tensor) -> dict[str, Tensor]:
+        return {k: torch.empty_like(sd[k]).copy_(part.view_as(sd[k])) for k, part in zip(keys, flat.split(sizes))}
+
+    def encode_out() -> Tensor:
+        return torch.cat(flats, out=buf)
+
+    def decode_out(flat: Tensor) -> dict[str, Tensor]:
+        for k, part in zip(keys, flat.split(sizes)):
+            outs[k].copy_(part.view_as(sd[k]))
+        return outs
+
+    return encode, decode, encode_out, decode_out
+
+
+def load_previous(rev: str) -> Any:
+    """sane_hf.tokenization_sane as of git revision ``rev`` (a module of its own)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "-C", str(root), "show", f"{rev}:sane_hf/tokenization_sane.py"], capture_output=True, text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="sane-tok-prev-"))
+    path = folder / f"tokenization_sane_{rev}.py"
+    path.write_text(source)
+    return _load_module(path, f"_previous_tokenizer_{rev}")
+
+
+def _load_module(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 # ----------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------
 
 
-def _best_of(fn: Callable[[], object], repeats: int, budget_s: float = 5.0) -> tuple[float, object]:
-    """Best time of up to ``repeats`` calls, stopping early once ``budget_s`` is spent (at least one call)."""
-    best, result, spent = float("inf"), None, 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
-        if spent > budget_s:
-            break
-    return best, result
-
-
 def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in b)
+    return all(torch.equal(a[k], b[k]) for k in b if b[k].is_floating_point()) and set(a) >= {
+        k for k in b if b[k].is_floating_point()
+    }
 
 
-def bench_model(name: str, token_size: int, repeats: int, baseline_repeats: int) -> dict:
-    model = MODELS[name]()
+def _first_tensor(encoded: Any) -> Tensor:
+    return encoded[0] if isinstance(encoded, (tuple, list)) else getattr(encoded, "tokens", encoded)
+
+
+def bench_model(
+    name: str,
+    model: nn.Module,
+    token_size: int,
+    rounds: int,
+    baseline_rounds: int,
+    previous: Any = None,
+    comparisons: dict[str, tuple[Callable, Callable]] | None = None,
+) -> dict:
     sd = model.state_dict()
+    payload = sum(v.numel() * v.element_size() for v in sd.values() if v.is_floating_point())
     start = time.perf_counter()
     tok = WeightTokenizer.from_reference(model, token_size=token_size)
-    tok.decode(tok.encode(sd))  # first call also builds the copy plan, mask and positions
+    tokens0 = tok.encode(sd)
     setup_s = time.perf_counter() - start
+    unpacked = WeightTokenizer.from_reference(model, token_size=token_size, pack_channels=False)
+    out_tokens = torch.empty(tok.num_tokens, token_size)
+    out_sd = OrderedDict((k, v.clone()) for k, v in sd.items())
+    cb_enc, cb_dec, cb_enc_out, cb_dec_out = copy_bound(sd)
 
-    encode_s, tokens = _best_of(lambda: tok.encode(sd), repeats)
-    decode_s, decoded = _best_of(lambda: tok.decode(tokens), repeats)
-    base_encode_s, (b_tokens, b_positions, b_mask) = _best_of(lambda: encode_per_row(tok, sd), baseline_repeats)
-    base_decode_s, b_decoded = _best_of(lambda: decode_per_row(tok, b_tokens), baseline_repeats)
-
-    agree = (
-        torch.equal(tokens.tokens, b_tokens)
-        and torch.equal(tokens.positions, b_positions)
-        and torch.equal(tokens.mask, b_mask)
-    )
-    total, base_total = encode_s + decode_s, base_encode_s + base_decode_s
-    result = {
-        "num_params": tok.num_params,
-        "num_tokens": tok.num_tokens,
-        "num_layers": tok.num_layers,
-        "token_size": token_size,
-        "setup_s": round(setup_s, 4),
-        "encode_s": round(encode_s, 5),
-        "decode_s": round(decode_s, 5),
-        "encode_decode_s": round(total, 5),
-        "params_per_s": round(tok.num_params / total),
-        "baseline_encode_s": round(base_encode_s, 4),
-        "baseline_decode_s": round(base_decode_s, 4),
-        "baseline_encode_decode_s": round(base_total, 4),
-        "baseline_params_per_s": round(tok.num_params / base_total),
-        "speedup": round(base_total / total, 1),
-        "round_trip_exact": _same(decoded, sd),
-        "baseline_round_trip_exact": _same(b_decoded, sd),
-        "baseline_tokens_identical": agree,
-        "repeats": repeats,
-        "baseline_repeats": baseline_repeats,
+    impls: dict[str, tuple[Callable[[], Any], Callable[[Any], Any], int]] = {
+        "sane_hf": (lambda: tok.encode(sd), lambda t: tok.decode(t), rounds),
+        "sane_hf_out": (lambda: tok.encode(sd, out=out_tokens), lambda t: tok.decode(t, out=out_sd), rounds),
+        "copy_bound": (cb_enc, cb_dec, rounds),
+        "copy_bound_out": (cb_enc_out, cb_dec_out, rounds),
+        "per_row": (lambda: encode_per_row(tok, sd), lambda t: decode_per_row(tok, t[0]), baseline_rounds),
     }
-    print(
-        f"{name:10s} {tok.num_params:>11,d} params {tok.num_tokens:>9,d} tokens | "
-        f"encode {encode_s * 1e3:8.1f} ms decode {decode_s * 1e3:8.1f} ms "
-        f"({result['params_per_s'] / 1e6:7.1f} M params/s) | per-row {base_total:7.2f} s | "
-        f"x{result['speedup']} | exact {result['round_trip_exact']} agree {agree}",
-        flush=True,
-    )
+    token_counts = {"sane_hf": tok.num_tokens, "sane_hf_unpacked": unpacked.num_tokens}
+    if previous is not None:
+        prev = previous.WeightTokenizer.from_reference(model, token_size=token_size)
+        prev.decode(prev.encode(sd))
+        impls["previous"] = (lambda: prev.encode(sd), lambda t: prev.decode(t), rounds)
+        token_counts["previous"] = prev.num_tokens
+    for cname, (enc, dec) in (comparisons or {}).items():
+        impls[cname] = (
+            lambda enc=enc: enc(sd, token_size), lambda e, dec=dec: dec(e, sd, token_size), baseline_rounds
+        )  # fmt: skip
+
+    times: dict[str, dict[str, float]] = {k: {"encode_s": float("inf"), "decode_s": float("inf")} for k in impls}
+    exact: dict[str, bool] = {}
+    for r in range(max(rounds, baseline_rounds)):
+        for key, (enc, dec, n) in impls.items():  # alternate: one round trip of each per round
+            if r >= n:
+                continue
+            t0 = time.perf_counter()
+            encoded = enc()
+            t1 = time.perf_counter()
+            decoded = dec(encoded)
+            t2 = time.perf_counter()
+            times[key]["encode_s"] = min(times[key]["encode_s"], t1 - t0)
+            times[key]["decode_s"] = min(times[key]["decode_s"], t2 - t1)
+            if r == 0:
+                exact[key] = _same(decoded, sd)
+                if key not in token_counts and key not in ("copy_bound", "copy_bound_out", "per_row"):
+                    token_counts[key] = int(_first_tensor(encoded).shape[0])
+            del encoded, decoded
+
+    b_tokens, b_positions, b_mask = encode_per_row(tok, sd)
+    agree = (
+        torch.equal(tokens0.tokens, b_tokens) and torch.equal(tokens0.positions, b_positions)
+        and torch.equal(tokens0.mask, b_mask)
+    )  # fmt: skip
+    rows: dict[str, dict[str, Any]] = {}
+    for key, t in times.items():
+        total = t["encode_s"] + t["decode_s"]
+        rows[key] = {
+            "encode_s": round(t["encode_s"], 5),
+            "decode_s": round(t["decode_s"], 5),
+            "round_trip_s": round(total, 5),
+            "gb_per_s": round(2 * payload / total / 1e9, 3),
+            "round_trip_exact": exact[key],
+        }
+    ours = rows["sane_hf"]["round_trip_s"]
+    ours_out = rows["sane_hf_out"]["round_trip_s"]
+    ratios = {
+        "fraction_of_copy_speed": round(rows["copy_bound"]["round_trip_s"] / ours, 3),
+        "fraction_of_copy_speed_out": round(rows["copy_bound_out"]["round_trip_s"] / ours_out, 3),
+        "speedup_vs_per_row": round(rows["per_row"]["round_trip_s"] / ours, 1),
+    }
+    for key in rows:
+        if key not in ("sane_hf", "sane_hf_out", "copy_bound", "copy_bound_out", "per_row"):
+            ratios[f"speedup_vs_{key}"] = round(rows[key]["round_trip_s"] / ours, 2)
+            ratios[f"speedup_vs_{key}_out"] = round(rows[key]["round_trip_s"] / ours_out, 2)
+    result = {
+        "model": name,
+        "token_size": token_size,
+        "num_params": tok.num_params,
+        "payload_bytes": payload,
+        "num_layers": tok.num_layers,
+        "num_tokens": tok.num_tokens,
+        "token_counts": token_counts,
+        "setup_s": round(setup_s, 4),
+        "rows": rows,
+        "ratios": ratios,
+        "per_row_tokens_identical": agree,
+        "rounds": rounds,
+        "baseline_rounds": baseline_rounds,
+        # the fields speed.py reads
+        "params_per_s": round(tok.num_params / ours),
+        "baseline_params_per_s": round(tok.num_params / rows["per_row"]["round_trip_s"]),
+        "speedup": ratios["speedup_vs_per_row"],
+        "round_trip_exact": rows["sane_hf"]["round_trip_exact"] and rows["sane_hf_out"]["round_trip_exact"],
+    }
+    summary = " ".join(f"{k} {v['round_trip_s'] * 1e3:.1f}ms/{v['gb_per_s']:.2f}GB/s" for k, v in rows.items())
+    print(f"{name} d={token_size}: {tok.num_tokens:,} tokens | {summary} | {ratios}", flush=True)
     return result
 
 
@@ -199,6 +325,10 @@ def machine_info() -> dict:
         )
     except (OSError, StopIteration):
         pass
+    try:
+        info["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        pass
     if hasattr(os, "getloadavg"):
         info["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
     return info
@@ -207,28 +337,40 @@ def machine_info() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--token-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="best of N for the vectorised tokenizer")
-    parser.add_argument(
-        "--baseline-repeats", type=int, default=3, help="best of N for the per-row baseline (fewer past 5 s)"
-    )
+    parser.add_argument("--token-sizes", nargs="+", type=int, default=[288, 64])
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; best round kept per implementation")
+    parser.add_argument("--baseline-rounds", type=int, default=3, help="rounds for the slow (Python-loop) rows")
+    parser.add_argument("--previous", default=None, help="git revision of sane_hf's previous tokenizer to compare")
+    parser.add_argument("--compare", type=Path, default=None, help="a Python file defining COMPARISONS (see above)")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tokenizer.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    results = {
-        "benchmark": "weight tokenizer encode+decode (sane_hf.tokenization_sane) vs per-row Python baseline",
+    previous = load_previous(args.previous) if args.previous else None
+    comparisons = _load_module(args.compare, "_tokenizer_comparisons").COMPARISONS if args.compare else None
+    results: dict[str, Any] = {
+        "benchmark": "weight tokenizer encode+decode (sane_hf.tokenization_sane) vs copy-bound, per-row and "
+        "other implementations, alternating in one process",
+        "gb_per_s_definition": "2 x bytes of the tokenized float tensors / (encode + decode seconds)",
         "machine": machine_info(),
         "note": args.note,
+        "previous_revision": args.previous,
+        "comparisons": sorted(comparisons) if comparisons else [],
+        "command": "python benchmarks/bench_tokenizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "models": {},
     }
     for name in args.models:
-        results["models"][name] = bench_model(name, args.token_size, args.repeats, args.baseline_repeats)
+        model = MODELS[name]()
+        for d in args.token_sizes:
+            key = f"{name}/d{d}"
+            results["models"][key] = bench_model(name, model, d, args.rounds, args.baseline_rounds, previous, comparisons)
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return results
 

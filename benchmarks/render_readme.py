@@ -271,8 +271,10 @@ def render_performance(s: dict[str, Any]) -> str:
     t = secs.get("tokenizer")
     if t and t.get("rows"):
         out += ["### Tokenizer (encode + decode)", ""]
-        out.append(_table(["model", "params", "tokens", "params/s", "per-row Python params/s", "speed-up"], [
-            [r["model"], f"{r['num_params']:,}", f"{r['num_tokens']:,}", f"{r['params_per_s']:,.0f}",
+        out.append(_table(["model", "token size", "params", "tokens", "params/s", "GB/s", "vs copy-bound",
+                           "per-row Python params/s", "speed-up"], [
+            [r["model"], _num(r.get("token_size"), "d"), f"{r['num_params']:,}", f"{r['num_tokens']:,}",
+             f"{r['params_per_s']:,.0f}", _num(r.get("gb_per_s"), ".2f"), _num(r.get("fraction_of_copy_speed"), ".2f"),
              f"{r['baseline_params_per_s']:,.0f}", f"{r['ratio']}×"] for r in t["rows"]]))
         out += ["", f"`{t['command']}`", ""]
     z = secs.get("zoo")

@@ -76,16 +76,20 @@ def _run_bench(script: str, args: list[str], out: Path, log: Path) -> tuple[dict
 
 
 def section_tokenizer(work: Path) -> dict[str, Any]:
-    raw, seconds, _ = _run_bench("bench_tokenizer.py", ["--repeats", "3", "--note", "run by speed.py"],
+    raw, seconds, _ = _run_bench("bench_tokenizer.py", ["--rounds", "3", "--note", "run by speed.py"],
                                  work / "tokenizer.json", work / "tokenizer.log")
     rows = []
     for name, m in raw["models"].items():
-        rows.append({"model": name, "num_params": m["num_params"], "num_tokens": m["num_tokens"],
-                     "params_per_s": m["params_per_s"], "baseline_params_per_s": m["baseline_params_per_s"],
-                     "ratio": m["speedup"], "round_trip_exact": m["round_trip_exact"]})
-    return {"what": "WeightTokenizer encode+decode, params/s, vs a per-row Python implementation (1 thread)",
+        rows.append({"model": m.get("model", name), "token_size": m.get("token_size"), "num_params": m["num_params"],
+                     "num_tokens": m["num_tokens"], "params_per_s": m["params_per_s"],
+                     "baseline_params_per_s": m["baseline_params_per_s"], "ratio": m["speedup"],
+                     "gb_per_s": m["rows"]["sane_hf"]["gb_per_s"],
+                     "fraction_of_copy_speed": m["ratios"]["fraction_of_copy_speed"],
+                     "round_trip_exact": m["round_trip_exact"]})
+    return {"what": "WeightTokenizer encode+decode, params/s and GB/s, vs a per-row Python implementation and a "
+            "copy-bound baseline (torch.cat of all tensors and back), 1 thread",
             "baseline": "per-row Python loop (bench_tokenizer.encode_per_row/decode_per_row)",
-            "command": "python benchmarks/bench_tokenizer.py --repeats 3", "rows": rows, "seconds": round(seconds, 1),
+            "command": "python benchmarks/bench_tokenizer.py --rounds 3", "rows": rows, "seconds": round(seconds, 1),
             "raw_machine": raw.get("machine")}
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "encode_haloed",
     "decode_haloed",
     "embed_models",
+    "check_positions",
 ]
 
 
@@ -434,6 +435,22 @@ def _groups(items: Iterator[_Item], models_per_group: Callable[[int], int]) -> I
         yield group
 
 
+def check_positions(model: Any, positions: torch.Tensor) -> None:
+    """Raise a ValueError naming the axis when ``positions`` ``(..., 3)`` hold an index ``model`` cannot embed.
+
+    Uses ``model.check_positions`` when the model has one, else every submodule's (the position
+    embeddings of a :class:`~sane_hf.modeling_sane.SaneModel`); a model with neither is not checked.
+    """
+    checks = [model.check_positions] if callable(getattr(model, "check_positions", None)) else []
+    if not checks and isinstance(model, nn.Module):
+        checks = [m.check_positions for m in model.modules() if callable(getattr(m, "check_positions", None))]
+    for check in checks:
+        try:
+            check(positions)
+        except ValueError as err:
+            raise ValueError(f"these models cannot be embedded with this SANE model: {err}") from err
+
+
 def _encode_group(
     model: Any, group: list[_Item], window: int, halo: int, batch_size: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -443,6 +460,7 @@ def _encode_group(
     window of one length (``window_plan`` keeps the context span fixed), so no padding is needed.
     """
     num_tokens = len(group[0].tokens)
+    check_positions(model, torch.stack([item.positions for item in group]))  # (g, N, 3), before any window
     plan = window_plan(num_tokens, window, halo)
     work = [(m, w) for m in range(len(group)) for w in plan]
     latents: torch.Tensor | None = None
@@ -560,7 +578,8 @@ def embed_models(
         ValueError: a state_dict that does not match the tokenizer's architecture (the
             tokenizer's message, naming the keys, prefixed with the input's index), tokens whose
             size differs from ``model.config.token_size``, a tokenizer of another token size, an
-            unknown ``pooling``, no inputs.
+            unknown ``pooling``, no inputs, positions beyond what the model can embed (checked
+            on the tokenizer's positions before any input is read, naming the axis).
         TypeError: inputs of an unsupported type (e.g. a whole ``DatasetDict``).
     """
     if pooling not in POOLINGS:
@@ -574,6 +593,8 @@ def embed_models(
             f"{token_size}; load the tokenizer saved with this model (WeightTokenizer.from_pretrained(model_dir))"
         )
     window, halo = resolve_window(model.config, window, halo)
+    if tokenizer is not None:
+        check_positions(model, tokenizer.positions)  # the whole model's positions, before reading any input
     device, dtype = _model_device_dtype(model)
 
     def models_per_group(num_tokens: int) -> int:

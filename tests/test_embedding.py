@@ -261,3 +261,17 @@ def test_other_bad_inputs(sane, tok, nets):
         embed_models(sane, tok, [])
     with pytest.raises(TypeError, match="cannot embed"):
         embed_models(sane, tok, 3)
+
+
+def test_positions_beyond_the_model_are_rejected_before_any_window(nets, tok):
+    torch.manual_seed(0)
+    config = SaneConfig(token_size=8, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
+                        latent_dim=4, projection_dim=8, window_size=8, halo_size=1, max_positions=(10_000, 1, 64))  # fmt: skip
+    model = SaneModel(config).eval()  # a layer table of 1 entry; the nets have 2 layers
+    calls = []
+    model.encoder.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"cannot be embedded with this SANE model: Position index 1 on axis l \(layer index\)"):
+        embed_models(model, tok, nets)  # checked on the tokenizer's positions
+    with pytest.raises(ValueError, match=r"axis l \(layer index\)"):
+        embed_models(model, None, tok.encode_batch(nets, normalize=True))  # tokens only: checked per group
+    assert calls == []  # no window was encoded

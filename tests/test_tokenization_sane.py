@@ -242,7 +242,7 @@ def test_grouping_rules_from_structure():
         ]
     )
     tok = WeightTokenizer.from_reference(sd, token_size=4)
-    summary = [(layer.name, layer.keys, layer.kind, layer.num_rows, layer.columns) for layer in tok.layers]
+    summary = [(layer.name, layer.keys, layer.kind, layer.num_channels, layer.columns) for layer in tok.layers]
     assert summary == [
         ("attn.in_proj_weight", ("attn.in_proj_weight", "attn.in_proj_bias"), "weight", 6, (2, 1)),
         ("proj", ("proj.weight", "proj.bias"), "weight", 4, (6, 1)),
@@ -350,6 +350,176 @@ def test_unfitted_normalize_raises(cnn):
     raw = tok.encode(cnn)
     with pytest.raises(ValueError, match=r"fit\("):
         tok.decode(WeightTokens(raw.tokens, raw.positions, raw.mask, normalized=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# packed per-channel layers (format 2)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_hand_computed_packed_batchnorm():
+    sd = OrderedDict(
+        [
+            ("bn.weight", torch.tensor([1.0, 2.0, 3.0])),
+            ("bn.bias", torch.tensor([4.0, 5.0, 6.0])),
+            ("bn.running_mean", torch.tensor([7.0, 8.0, 9.0])),
+            ("bn.running_var", torch.tensor([10.0, 11.0, 12.0])),
+            ("bn.num_batches_tracked", torch.tensor(3)),
+        ]
+    )
+    tok = WeightTokenizer.from_reference(sd, token_size=4)  # rows of 2 values: 2 channels per token
+    norm, stats = tok.layers
+    assert (norm.kind, norm.channels_per_row, norm.num_channels, norm.num_rows, norm.tokens_per_row) == ("norm", 2, 3, 2, 1)
+    assert (stats.kind, stats.token_start, stats.token_end) == ("norm_stats", 2, 4)
+    tokens = tok.encode(sd)
+    assert torch.equal(
+        tokens.tokens,
+        torch.tensor([[1.0, 4.0, 2.0, 5.0], [3.0, 6.0, 0.0, 0.0], [7.0, 10.0, 8.0, 11.0], [9.0, 12.0, 0.0, 0.0]]),
+    )
+    assert torch.equal(tokens.positions, torch.tensor([[0, 0, 0], [1, 0, 1], [2, 1, 0], [3, 1, 1]], dtype=torch.int32))
+    assert torch.equal(tokens.mask, tokens.tokens != 0)
+    assert_state_dicts_equal(tok.decode(tokens), sd)
+    # format 1 layout on request: one row per channel
+    unpacked = WeightTokenizer.from_reference(sd, token_size=4, pack_channels=False)
+    assert unpacked.num_tokens == 6 and all(layer.channels_per_row == 1 for layer in unpacked.layers)
+
+
+@pytest.mark.parametrize("token_size", [5, 16, 288])
+def test_packed_norm_tokens_round_trip_for_every_model(tiny_model, token_size):
+    sd = tiny_model.state_dict()
+    tok = WeightTokenizer.from_reference(tiny_model, token_size=token_size)
+    unpacked = WeightTokenizer.from_reference(tiny_model, token_size=token_size, pack_channels=False)
+    tokens = tok.encode(sd)
+    assert_state_dicts_equal(tok.decode(tokens), sd)
+    assert int(tokens.mask.sum()) == tok.num_params == unpacked.num_params
+    pos = tokens.positions.long()
+    for index, layer in enumerate(tok.layers):
+        if layer.kind in ("norm", "norm_stats", "vector"):
+            assert layer.channels_per_row == max(1, token_size // layer.row_length)
+        else:
+            assert layer.channels_per_row == 1
+        block = pos[layer.token_start : layer.token_end]
+        assert torch.equal(block[:, 2], torch.arange(layer.num_rows).repeat_interleave(layer.tokens_per_row))
+        assert torch.all(block[:, 1] == index)
+    packable = [layer for layer in tok.layers if layer.channels_per_row > 1]
+    assert (tok.num_tokens < unpacked.num_tokens) == bool(packable)
+    # the same values in the same per-channel order, only laid out densely
+    flat = tokens.tokens[tokens.mask]
+    ref = unpacked.encode(sd)
+    assert torch.equal(flat, ref.tokens[ref.mask])
+
+
+def test_models_with_norms_get_fewer_tokens(resnet18, bert):
+    for model in (resnet18, bert):
+        packed = WeightTokenizer.from_reference(model, token_size=64)
+        unpacked = WeightTokenizer.from_reference(model, token_size=64, pack_channels=False)
+        assert packed.num_tokens < unpacked.num_tokens
+        assert any(layer.is_packed for layer in packed.layers)
+        assert not any(layer.is_packed for layer in packed.layers if layer.kind == "weight")
+
+
+def _arange_state_dict(tok: WeightTokenizer) -> OrderedDict:
+    """Distinct exact values for every tokenized key (the fixture files were made with this)."""
+    sd = OrderedDict()
+    for i, t in enumerate(tok.tensors):
+        dtype = getattr(torch, t.dtype)
+        if t.role == "tokenized":
+            sd[t.key] = ((torch.arange(math.prod(t.shape)) + 1000 * i).float() / 8).to(dtype).reshape(t.shape)
+        elif t.value is not None:
+            sd[t.key] = torch.tensor(t.value, dtype=dtype).reshape(t.shape)
+        else:
+            sd[t.key] = torch.full(t.shape, t.fill, dtype=dtype)
+    return sd
+
+
+def test_format_1_tokenizer_keeps_its_layout(tmp_path, cnn_bn):
+    """A tokenizer saved by sane-hf before packing (format 1) loads, encodes and decodes as it did then."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data_dir = Path(__file__).parent / "data"
+    saved = json.loads((data_dir / "weight_tokenizer_v1_cnn_bn.json").read_text())
+    assert saved["version"] == 1 and "channels_per_row" not in saved["layers"][1]
+    tok = WeightTokenizer.from_pretrained(data_dir / "weight_tokenizer_v1_cnn_bn.json")
+    assert tok.num_tokens == saved["num_tokens"] == 106 and tok.is_fitted
+    assert all(layer.channels_per_row == 1 and layer.num_channels == layer.num_rows for layer in tok.layers)
+    # tokens as the format-1 code (sane_hf fd61ad1) wrote them
+    expected = load_file(str(data_dir / "weight_tokens_v1_cnn_bn.safetensors"))
+    sd = _arange_state_dict(tok)
+    tokens = tok.encode(sd)
+    assert torch.equal(tokens.tokens, expected["tokens"]) and torch.equal(tokens.positions, expected["positions"])
+    assert torch.equal(tokens.mask, expected["mask"])
+    assert_state_dicts_equal(tok.decode(WeightTokens(expected["tokens"], expected["positions"], expected["mask"])), sd)
+    assert_state_dicts_equal(tok.decode(tok.encode(cnn_bn)), cnn_bn.state_dict())
+    # equal to the unpacked layout of today's code, and saved again as format 2 with the same layout
+    assert tok.layers == WeightTokenizer.from_reference(cnn_bn, token_size=4, pack_channels=False).layers
+    resaved = WeightTokenizer.from_pretrained(tok.save_pretrained(tmp_path))
+    assert resaved.to_dict()["version"] == 2 and resaved.layers == tok.layers and resaved.stats == tok.stats
+    # today's default packs the BatchNorm rows of the same model
+    assert WeightTokenizer.from_reference(cnn_bn, token_size=4).num_tokens < tok.num_tokens
+
+
+def test_shipped_checkpoint_tokenizer_loads_unchanged():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "checkpoints" / "sane-digits-cnn-s" / TOKENIZER_FILE
+    tok = WeightTokenizer.from_pretrained(path)
+    assert tok.num_tokens == json.loads(path.read_text())["num_tokens"]
+    assert all(layer.channels_per_row == 1 for layer in tok.layers)
+
+
+def test_inconsistent_packing_is_rejected(cnn_bn):
+    data = WeightTokenizer.from_reference(cnn_bn, token_size=8).to_dict()
+    index = next(i for i, layer in enumerate(data["layers"]) if layer["channels_per_row"] > 1)
+    bad = json.loads(json.dumps(data))
+    bad["layers"][index]["channels_per_row"] += 1
+    with pytest.raises(ValueError, match="inconsistent tokenizer spec at layer"):
+        WeightTokenizer.from_dict(bad)
+    bad = json.loads(json.dumps(data))
+    bad["version"] = 3
+    with pytest.raises(ValueError, match="newer than this sane-hf supports"):
+        WeightTokenizer.from_dict(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# preallocated outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_encode_into_a_preallocated_buffer(resnet18):
+    sd = resnet18.state_dict()
+    tok = WeightTokenizer.from_reference(resnet18, token_size=16)
+    buf = torch.full((tok.num_tokens, 16), float("nan"))  # padding must be overwritten too
+    tokens = tok.encode(sd, out=buf)
+    assert tokens.tokens.data_ptr() == buf.data_ptr()
+    fresh = tok.encode(sd)
+    assert torch.equal(buf, fresh.tokens) and torch.equal(tokens.mask, fresh.mask)
+    with pytest.raises(ValueError, match=rf"shape \({tok.num_tokens}, 16\)"):
+        tok.encode(sd, out=torch.empty(tok.num_tokens, 8))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        tok.encode(sd, out=torch.empty(16, tok.num_tokens).t())
+    with pytest.raises(ValueError, match="float32"):
+        tok.encode(sd, out=torch.empty(tok.num_tokens, 16, dtype=torch.float64))
+
+
+def test_decode_into_a_model(resnet18):
+    from conftest import make_resnet18
+
+    tok = WeightTokenizer.from_reference(resnet18, token_size=16)
+    tokens = tok.encode(resnet18)
+    torch.manual_seed(1)
+    other = make_resnet18()
+    other.load_state_dict({k: v.clone() for k, v in perturbed(resnet18.state_dict(), 1).items()})
+    pointers = {k: v.data_ptr() for k, v in other.state_dict().items()}
+    decoded = tok.decode(tokens, out=other)
+    assert {k: v.data_ptr() for k, v in decoded.items()} == pointers  # written in place
+    assert_state_dicts_equal(other.state_dict(), resnet18.state_dict())
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in resnet18.state_dict().items()}
+    with pytest.raises(ValueError, match="must be a contiguous float32 tensor"):
+        tok.decode(tokens, out=half)
+    with pytest.raises(ValueError, match="missing keys"):
+        tok.decode(tokens, out={"conv1.weight": torch.empty(1)})
 
 
 # ----------------------------------------------------------------------------------------------
