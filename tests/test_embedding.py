@@ -275,3 +275,76 @@ def test_positions_beyond_the_model_are_rejected_before_any_window(nets, tok):
     with pytest.raises(ValueError, match=r"axis l \(layer index\)"):
         embed_models(model, None, tok.encode_batch(nets, normalize=True))  # tokens only: checked per group
     assert calls == []  # no window was encoded
+
+
+# --- a row axis beyond any table: a BERT-size vocabulary --------------------------------------------
+
+
+def tiny_bert(vocab_size: int, seed: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, type_vocab_size=2)  # fmt: skip
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def rows_are_uncapped(model: SaneModel) -> bool:
+    """True when the model embeds any row index k (no learned table with a hard cap on that axis)."""
+    from sane_hf.embedding import check_positions
+
+    try:
+        check_positions(model, torch.tensor([[0, 0, 10**6]]))
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def sane_trained_on_small_berts() -> tuple[SaneModel, WeightTokenizer]:
+    """A tiny SANE trained in-process (a few dozen steps) on BERTs with a 64-entry vocabulary, and their tokenizer."""
+    nets = [tiny_bert(64, seed) for seed in range(3)]
+    tok = WeightTokenizer.from_reference(nets[0], token_size=16).fit(nets)
+    torch.manual_seed(0)
+    model = SaneModel(SaneConfig(token_size=16, d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                 latent_dim=4, projection_dim=4, window_size=32, halo_size=4, dropout=0.0))  # fmt: skip
+    batch = tok.encode_batch(nets, normalize=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(30):
+        start = int(torch.randint(0, tok.num_tokens - 32, (1,), generator=generator))
+        window = batch.window(start, start + 32)
+        loss = model(window.tokens, window.positions, mask=window.mask).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tok
+
+
+def test_a_30000_row_layer_embeds_with_a_small_trained_sane(sane_trained_on_small_berts):
+    model, small_tok = sane_trained_on_small_berts
+    if not rows_are_uncapped(model):
+        pytest.skip(f"SaneModel's row axis k is a learned table of {model.config.max_positions[2]} entries "
+                    "(a hard cap); this test needs the uncapped row encoding")  # fmt: skip
+    big = [tiny_bert(30_000, seed) for seed in (1, 2)]
+    tok = WeightTokenizer.from_reference(big[0], token_size=16).fit(big)
+    assert int(tok.positions[:, 2].max()) == 29_999  # the word embedding: one row per vocabulary entry
+    out = embed_models(model, tok, big, batch_size=64, return_token_latents=True)
+    assert out.embeddings.shape == (2, 4) and out.token_latents.shape == (2, tok.num_tokens, 4)
+    assert torch.isfinite(out.token_latents).all()
+    assert not torch.equal(out.embeddings[0], out.embeddings[1])
+    assert small_tok.num_tokens < tok.num_tokens
+
+
+def test_a_capped_row_table_is_rejected_up_front(sane_trained_on_small_berts):
+    model, _ = sane_trained_on_small_berts
+    if rows_are_uncapped(model):
+        pytest.skip("SaneModel encodes any row index k; nothing to reject")
+    big = tiny_bert(30_000, 1)
+    tok = WeightTokenizer.from_reference(big, token_size=16).fit([big])
+    calls = []
+    model.encoder.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"Position index 29999 on axis k \(row index within the layer\)"):
+        embed_models(model, tok, [big])
+    assert calls == []

@@ -359,3 +359,58 @@ def test_bad_inputs_give_clear_errors(sane, tok, prompts):
         sample_models(sane, WeightTokenizer.from_reference(prompts[0], token_size=16), prompts, 1)
     with pytest.raises(ValueError, match="token_size=16"):
         sample_models(sane, WeightTokenizer.from_reference(prompts[0], token_size=8).fit(prompts), prompts, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# token mode over aligned anchors on a tiny ResNet zoo
+# ----------------------------------------------------------------------------------------------
+
+
+def test_token_mode_on_aligned_resnet_anchors_loads_strictly():
+    from sklearn.datasets import load_digits
+
+    from sane_hf.alignment import align_to, permutation_spec_for_arch, state_dict_distance
+
+    kwargs = dict(in_channels=1, image_size=8, width=4)
+    digits = load_digits()
+    x = torch.tensor(digits.images[:256], dtype=torch.float32).unsqueeze(1) / 16.0  # (256, 1, 8, 8)
+    y = torch.tensor(digits.target[:256])
+    zoo = []
+    for seed in range(4):  # a tiny zoo: 4 ResNet-18s (width 4, BatchNorm), a few SGD steps each
+        net = create_model("resnet18", seed=seed, **kwargs)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(5):
+            batch = slice(64 * (step % 4), 64 * (step % 4 + 1))
+            loss = nn.functional.cross_entropy(net(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        zoo.append({k: v.detach().clone() for k, v in net.eval().state_dict().items()})
+    spec = permutation_spec_for_arch("resnet18", **kwargs)
+    anchors = [zoo[0]] + [align_to(sd, zoo[0], spec)[0] for sd in zoo[1:]]
+    for sd, aligned in zip(zoo[1:], anchors[1:]):
+        assert state_dict_distance(aligned, zoo[0]) <= state_dict_distance(sd, zoo[0])
+
+    tok = WeightTokenizer.from_reference(create_model("resnet18", **kwargs), token_size=16).fit(anchors)
+    assert any(layer.is_packed for layer in tok.layers)  # BatchNorm parameters and statistics packed
+    torch.manual_seed(0)
+    sane = SaneModel(SaneConfig(token_size=16, d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                latent_dim=4, projection_dim=4, window_size=32, halo_size=4, dropout=0.0)).eval()
+
+    def accuracy(sd) -> float:
+        net = create_model("resnet18", **kwargs)
+        net.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            return float((net.eval()(x[:64]).argmax(-1) == y[:64]).float().mean())
+
+    out = sample_models(sane, tok, anchors, 2, mode="token", score_fn=accuracy, candidates=4, seed=0, bandwidth=0.05)
+    assert len(out) == 2 and out[0].score >= out[1].score
+    assert any(s.anchor_share < 1.0 for s in out)  # positions drawn from different aligned anchors
+    for s in out:
+        net = create_model("resnet18", seed=99, **kwargs)
+        result = net.load_state_dict(s.state_dict, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert all(v.dtype == zoo[0][k].dtype and v.shape == zoo[0][k].shape for k, v in s.state_dict.items())
+        condition_batchnorm(net, x, batch_size=64)
+        with torch.no_grad():
+            assert torch.isfinite(net.eval()(x[:8])).all()
