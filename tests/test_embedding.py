@@ -266,8 +266,9 @@ def test_other_bad_inputs(sane, tok, nets):
 def test_positions_beyond_the_model_are_rejected_before_any_window(nets, tok):
     torch.manual_seed(0)
     config = SaneConfig(token_size=8, d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
-                        latent_dim=4, projection_dim=8, window_size=8, halo_size=1, max_positions=(10_000, 1, 64))  # fmt: skip
-    model = SaneModel(config).eval()  # a layer table of 1 entry; the nets have 2 layers
+                        latent_dim=4, projection_dim=8, window_size=8, halo_size=1, max_positions=(10_000, 1, 64),
+                        position_encoding="learned-tables")  # fmt: skip
+    model = SaneModel(config).eval()  # a legacy checkpoint's layer table of 1 entry; the nets have 2 layers
     calls = []
     model.encoder.register_forward_pre_hook(lambda *args: calls.append(1))
     with pytest.raises(ValueError, match=r"cannot be embedded with this SANE model: Position index 1 on axis l \(layer index\)"):
@@ -330,17 +331,19 @@ def test_a_30000_row_layer_embeds_with_a_small_trained_sane(sane_trained_on_smal
     big = [tiny_bert(30_000, seed) for seed in (1, 2)]
     tok = WeightTokenizer.from_reference(big[0], token_size=16).fit(big)
     assert int(tok.positions[:, 2].max()) == 29_999  # the word embedding: one row per vocabulary entry
-    out = embed_models(model, tok, big, batch_size=64, return_token_latents=True)
+    out = embed_models(model, tok, big, batch_size=64, pooling="mean", return_token_latents=True)
     assert out.embeddings.shape == (2, 4) and out.token_latents.shape == (2, tok.num_tokens, 4)
     assert torch.isfinite(out.token_latents).all()
     assert not torch.equal(out.embeddings[0], out.embeddings[1])
     assert small_tok.num_tokens < tok.num_tokens
 
 
-def test_a_capped_row_table_is_rejected_up_front(sane_trained_on_small_berts):
-    model, _ = sane_trained_on_small_berts
-    if rows_are_uncapped(model):
-        pytest.skip("SaneModel encodes any row index k; nothing to reject")
+def test_a_capped_row_table_is_rejected_up_front():
+    torch.manual_seed(0)
+    model = SaneModel(SaneConfig(token_size=16, d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                 latent_dim=4, projection_dim=4, window_size=32, halo_size=4,
+                                 position_encoding="learned-tables")).eval()  # a legacy checkpoint: k table of 4096
+    assert not rows_are_uncapped(model)
     big = tiny_bert(30_000, 1)
     tok = WeightTokenizer.from_reference(big, token_size=16).fit([big])
     calls = []
