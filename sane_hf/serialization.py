@@ -16,7 +16,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "JsonConfigMixin"]
+__all__ = [
+    "atomic_path", "atomic_write_bytes", "atomic_write_text", "JsonConfigMixin", "check_safetensors_header",
+    "load_safetensors_file", "load_safetensors_bytes",
+]  # fmt: skip
 
 
 def _default_file_mode() -> int:
@@ -86,3 +89,58 @@ class JsonConfigMixin:
     @classmethod
     def from_json_file(cls: type[_C], path: str | os.PathLike) -> _C:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading safetensors with clear errors (never a pickle)
+
+#: the largest safetensors header accepted (the format's own limit is 100 MB)
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _check_header_length(header_len: int, total: int, name: str) -> None:
+    if header_len > min(total - 8, MAX_SAFETENSORS_HEADER):
+        raise ValueError(
+            f"{name} is truncated or not a safetensors file: its header claims {header_len} bytes but the file has "
+            f"{total} bytes; re-save or re-download it"
+        )
+
+
+def check_safetensors_header(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming ``path`` when it cannot be a safetensors file (too short, absurd header)."""
+    path = Path(path)
+    total = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({total} bytes); re-save or re-download it")
+    _check_header_length(int.from_bytes(head, "little"), total, str(path))
+
+
+def load_safetensors_file(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """``safetensors.torch.load_file`` with a one-line ``ValueError`` naming the file when it is damaged."""
+    import safetensors
+    import safetensors.torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    check_safetensors_header(path)
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{what} {path} cannot be read ({err}); it is truncated or not a safetensors file") from None
+
+
+def load_safetensors_bytes(data: bytes, name: str = "data") -> dict[str, Any]:
+    """``safetensors.torch.load`` on bytes with a one-line ``ValueError`` naming ``name`` when they are damaged."""
+    import safetensors
+    import safetensors.torch
+
+    if len(data) < 8:
+        raise ValueError(f"{name} is truncated or not safetensors data ({len(data)} bytes)")
+    _check_header_length(int.from_bytes(data[:8], "little"), len(data), name)
+    try:
+        return safetensors.torch.load(data)
+    except (safetensors.SafetensorError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{name} cannot be read ({err}); it is truncated or not safetensors data") from None

@@ -13,21 +13,25 @@ What a run writes (``output_dir``)::
     ├── training_config.json                  the SaneTrainingConfig
     ├── zoo_config.json                       the zoo's ZooConfig, when the zoo had one
     ├── metrics.json                          final losses, R², steps, time, tokens/s, eval history (written last)
-    ├── checkpoints/checkpoint_<step>/        Accelerate save_state folders (+ the configs), the newest few
+    ├── checkpoints/checkpoint_<step>/        resumable training state (safetensors + JSON, no pickle), the newest few
     └── logs/                                 tracker output (TensorBoard), when a tracker is set
 
 Atomicity. A checkpoint is written to ``checkpoints/.tmp_checkpoint_<step>`` by every process
-(``Accelerator.save_state``) and renamed into place by the main process once complete; a folder
+and renamed into place by the main process once complete; a folder
 named ``checkpoint_<step>`` is therefore always whole. The final model is written to a temporary
 folder and its files are then moved into ``output_dir`` one by one with ``os.replace`` (each
 atomic), ``metrics.json`` last: a folder with ``metrics.json`` holds a complete final model.
 
 Exact resume. Everything random is either restored or a pure function of the step:
 
-- model, optimizer (AdamW moments), grad scaler, the learning-rate schedule and the loop state
-  (epoch, batches consumed in the epoch, step, time, losses) are saved by ``save_state``
-  (the schedule and loop state through ``register_for_checkpointing``), and so are the RNG
-  states of every process (dropout continues where it stopped);
+- model (``model.safetensors``), optimizer (AdamW moments in ``optimizer.safetensors``, the rest
+  in ``optimizer.json``), grad scaler, the learning-rate schedule and the loop state (epoch,
+  batches consumed in the epoch, step, time, losses) are saved as safetensors + JSON, and so are
+  the RNG states of every process (python, numpy, torch CPU/CUDA: ``rng_state_<rank>.*``), so
+  dropout continues where it stopped. Nothing is pickled and nothing is unpickled on resume:
+  files other tools put into a checkpoint (``*.pkl``, ``*.bin``) are never read, and a folder
+  written by Accelerate's ``save_state`` is refused. ``checkpoint.json`` (written last) holds the
+  format version, the number of processes and a fingerprint of the zoo, which must match to resume;
 - the order of an epoch is a permutation seeded by ``(seed, epoch)`` (:class:`~sane_hf.data.EpochSampler`,
   nothing drawn from the global RNG), and each window's offset, views and noise are seeded by
   ``(seed, epoch, index)`` (:class:`~sane_hf.data.ZooWindowDataset`);
@@ -89,6 +93,8 @@ __all__ = [
     "TRAINING_CONFIG_FILE",
     "METRICS_FILE",
     "CHECKPOINTS_DIR",
+    "CHECKPOINT_MANIFEST",
+    "check_checkpoint_format",
 ]
 
 logger = logging.getLogger(__name__)
@@ -590,6 +596,239 @@ def _check_model_fits(config: SaneConfig, tokenizer: WeightTokenizer, num_tokens
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints: pickle-free training state
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_MANIFEST = "checkpoint.json"
+_CHECKPOINT_FORMAT = "sane-hf-training-checkpoint"
+_CHECKPOINT_VERSION = 1
+_MODEL_FILE = "model.safetensors"
+_OPTIMIZER_TENSORS = "optimizer.safetensors"
+_OPTIMIZER_JSON = "optimizer.json"
+_SCHEDULER_JSON = "scheduler.json"
+_LOOP_JSON = "loop_state.json"
+_SCALER_JSON = "scaler.json"
+# files other tools write into checkpoint folders (Accelerate's save_state, torch.save): never loaded
+_FOREIGN_SUFFIXES = (".pkl", ".bin", ".pt", ".pth", ".pickle")
+
+
+def _rng_files(rank: int) -> tuple[str, str]:
+    return f"rng_state_{rank}.safetensors", f"rng_state_{rank}.json"
+
+
+def _to_json(value: Any) -> Any:
+    """Plain JSON for optimizer/scheduler state values; tuples are tagged so they come back as tuples."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a JSON checkpoint file")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in value["__tuple__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _flatten_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` -> (tensors for safetensors, the rest as JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    per_param: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state["state"].items():
+        entry: dict[str, Any] = {}
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                key = f"state.{param_id}.{name}"
+                tensors[key] = value.detach().to("cpu").contiguous()
+                entry[name] = {"__tensor__": key}
+            else:
+                entry[name] = _to_json(value)
+        per_param[str(param_id)] = entry
+    return tensors, {"state": per_param, "param_groups": _to_json(list(state["param_groups"]))}
+
+
+def _unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for param_id, entry in meta["state"].items():
+        state[int(param_id)] = {
+            name: tensors[value["__tensor__"]] if isinstance(value, dict) and "__tensor__" in value else _from_json(value)
+            for name, value in entry.items()
+        }
+    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states: python ``random``, numpy's global generator, torch CPU and CUDA."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    meta: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "cuda_devices": 0,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states = torch.cuda.get_rng_state_all()
+        meta["cuda_devices"] = len(states)
+        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(states)})
+    return tensors, meta
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npm = meta["numpy"]
+    np.random.set_state(
+        (npm["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), npm["pos"], npm["has_gauss"], npm["cached_gaussian"])
+    )
+    torch.set_rng_state(tensors["torch_cpu"])
+    n_cuda = int(meta.get("cuda_devices", 0))
+    if n_cuda and torch.cuda.is_available():
+        states = [tensors[f"torch_cuda_{i}"] for i in range(n_cuda)]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file {path} is missing: the checkpoint is incomplete") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint file {path} is not valid JSON ({err}); the checkpoint is damaged") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from sane_hf.serialization import load_safetensors_file
+
+    return load_safetensors_file(path, what="checkpoint file")
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(_FOREIGN_SUFFIXES))
+
+
+def check_checkpoint_format(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a sane-hf checkpoint folder; a clear error for anything else (nothing is unpickled).
+
+    A folder written by an older sane-hf (``accelerate.save_state``: ``custom_checkpoint_*.pkl``,
+    ``random_states_*.pkl``, ``optimizer.bin``) is refused: loading those pickles can run code.
+    """
+    folder = Path(checkpoint)
+    manifest_path = folder / CHECKPOINT_MANIFEST
+    if not manifest_path.is_file():
+        pickles = _foreign_files(folder) if folder.is_dir() else []
+        if pickles:
+            raise ValueError(
+                f"checkpoint {folder} holds pickled training state ({', '.join(pickles)}) written by an older sane-hf "
+                "or another tool; pickles can run code and are never loaded. Start a new run (another --out, or "
+                "--overwrite_output_dir to delete this one)"
+            )
+        raise ValueError(f"{folder} is not a sane-hf checkpoint (no {CHECKPOINT_MANIFEST}); it cannot be resumed")
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{manifest_path} is not a sane-hf training checkpoint manifest")
+    if manifest.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{manifest_path} has checkpoint format version {manifest.get('version')!r}; this sane-hf reads version "
+            f"{_CHECKPOINT_VERSION}: resume with the sane-hf version that wrote it"
+        )
+    return manifest
+
+
+def _save_training_state(
+    accelerator: Accelerator, folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: _LoopState,
+    extra_manifest: Mapping[str, Any],
+) -> None:
+    """Write model, optimizer, schedule, loop and RNG state into ``folder`` as safetensors + JSON (no pickle)."""
+    import safetensors.torch
+
+    rank = accelerator.process_index
+    rng_tensors, rng_meta = _rng_state()
+    tensor_file, json_file = _rng_files(rank)
+    safetensors.torch.save_file(rng_tensors, str(folder / tensor_file))
+    (folder / json_file).write_text(json.dumps(rng_meta) + "\n")
+    if not accelerator.is_main_process:
+        return
+    safetensors.torch.save_model(accelerator.unwrap_model(model), str(folder / _MODEL_FILE))
+    opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
+    safetensors.torch.save_file(opt_tensors, str(folder / _OPTIMIZER_TENSORS))
+    (folder / _OPTIMIZER_JSON).write_text(json.dumps(opt_meta) + "\n")
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    (folder / _SCHEDULER_JSON).write_text(json.dumps(_to_json(sched)) + "\n")
+    (folder / _LOOP_JSON).write_text(json.dumps(state.state_dict(), indent=1) + "\n")
+    if accelerator.scaler is not None:
+        (folder / _SCALER_JSON).write_text(json.dumps(_to_json(accelerator.scaler.state_dict())) + "\n")
+    manifest = {
+        "format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "step": state.global_step,
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        **extra_manifest,
+    }  # fmt: skip
+    (folder / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _load_training_state(
+    accelerator: Accelerator, folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: _LoopState
+) -> None:
+    """Restore what :func:`_save_training_state` wrote; reads only safetensors and JSON."""
+    import safetensors
+    import safetensors.torch
+
+    manifest = check_checkpoint_format(folder)
+    if manifest.get("num_processes") != accelerator.num_processes:
+        raise ValueError(
+            f"checkpoint {folder} was written by {manifest.get('num_processes')} process(es) but this run has "
+            f"{accelerator.num_processes}; resume with the same number of processes (exact resume needs each "
+            "process's RNG state)"
+        )
+    ignored = _foreign_files(folder)
+    if ignored and accelerator.is_main_process:
+        logger.warning("ignoring files in %s that sane-hf did not write (never loaded): %s", folder, ", ".join(ignored))
+    unwrapped = accelerator.unwrap_model(model)
+    model_file = folder / _MODEL_FILE
+    try:
+        missing, unexpected = safetensors.torch.load_model(unwrapped, str(model_file), strict=False,
+                                                           device=str(accelerator.device))  # fmt: skip
+    except (safetensors.SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"checkpoint file {model_file} cannot be read ({err}); the checkpoint is damaged") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint file {model_file} does not match the model: missing {sorted(missing)}, unexpected "
+            f"{sorted(unexpected)}"
+        )
+    opt_meta = _read_json(folder / _OPTIMIZER_JSON)
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer_state(_read_tensors(folder / _OPTIMIZER_TENSORS), opt_meta))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the optimizer state in {folder} does not fit this model/optimizer ({err})") from None
+    sched = _from_json(_read_json(folder / _SCHEDULER_JSON))
+    sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(sched)
+    state.load_state_dict(_read_json(folder / _LOOP_JSON))
+    if accelerator.scaler is not None and (folder / _SCALER_JSON).is_file():
+        accelerator.scaler.load_state_dict(_from_json(_read_json(folder / _SCALER_JSON)))
+    tensor_file, json_file = _rng_files(accelerator.process_index)
+    _set_rng_state(_read_tensors(folder / tensor_file), _read_json(folder / json_file))
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------
 
@@ -600,8 +839,10 @@ def _save_checkpoint(
     step: int,
     extra: Mapping[str, str],
     total_limit: int | None,
+    training_objects: tuple[nn.Module, Any, Any, _LoopState],
+    extra_manifest: Mapping[str, Any],
 ) -> Path:
-    """``save_state`` into a temp folder (all processes), then rename it into place (main process)."""
+    """Training state into a temp folder (all processes), then renamed into place (main process)."""
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"checkpoint_{step}"
     tmp = root / f"{_TMP_PREFIX}checkpoint_{step}"
@@ -611,7 +852,7 @@ def _save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    _save_training_state(accelerator, tmp, *training_objects, extra_manifest)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, text in extra.items():
@@ -793,6 +1034,8 @@ def train_sane(
 
     # -- output folder ------------------------------------------------------------------------
     resume_from = latest_checkpoint(output_dir) if cfg.resume else None
+    if resume_from is not None:
+        check_checkpoint_format(resume_from)  # refuses pickled (old Accelerate) checkpoints before anything runs
     if not cfg.resume and not cfg.overwrite_output_dir:
         if latest_checkpoint(output_dir) is not None or (output_dir / METRICS_FILE).exists():
             raise ValueError(
@@ -880,8 +1123,9 @@ def _train(
     prepared = _prepare_zoo(zoo, tokenizer, model_config.token_size, zoo_config, cfg, accelerator)
     tokenizer = prepared.tokenizer
     _check_model_fits(model_config, tokenizer, prepared.num_tokens)
+    fingerprint = _zoo_fingerprint(prepared.zoo)
     if resume_from is not None:
-        _check_resume_compatible(resume_from, cfg, model_config)
+        _check_resume_compatible(resume_from, cfg, model_config, fingerprint)
 
     bank = None
     if cfg.permutation:
@@ -946,10 +1190,11 @@ def _train(
     # not prepared: Accelerate would step it once per process; it is stepped once per optimizer step here
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.lr_scheduler, total_steps, warmup_steps))
     state = _LoopState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    training_objects = (model, optimizer, scheduler, state)
+    manifest_extra = {"zoo_fingerprint": fingerprint}
 
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        _load_training_state(accelerator, resume_from, model, optimizer, scheduler, state)
         logger.info("resumed from %s at step %d", resume_from, state.global_step)
         if state.batches_in_epoch >= batches_per_epoch:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
@@ -1037,7 +1282,8 @@ def _train(
                 bar.set_postfix(loss=f"{state.last_logged_loss or step_loss:.4f}",
                                 val=f"{last_eval.get('val_loss', float('nan')):.4f}", tok_s=f"{throughput:,.0f}")  # fmt: skip
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
-                _save_checkpoint(accelerator, output_dir, state.global_step, extra_files, cfg.save_total_limit)
+                _save_checkpoint(accelerator, output_dir, state.global_step, extra_files, cfg.save_total_limit,
+                                 training_objects, manifest_extra)
                 last_saved = state.global_step
             if step_callback is not None:
                 step_callback(StepInfo(state.global_step, state.epoch, step_loss, lr, unwrapped, accelerator))
@@ -1056,7 +1302,8 @@ def _train(
         else:
             last_eval = {k: v for k, v in state.history[-1].items() if k != "step"}
     if cfg.save_steps and last_saved != state.global_step:
-        _save_checkpoint(accelerator, output_dir, state.global_step, extra_files, cfg.save_total_limit)
+        _save_checkpoint(accelerator, output_dir, state.global_step, extra_files, cfg.save_total_limit,
+                                 training_objects, manifest_extra)
     metrics = {
         "train_loss": state.last_logged_loss,
         "val_loss": last_eval.get("val_loss"),
@@ -1083,8 +1330,35 @@ def _train(
     return output_dir
 
 
-def _check_resume_compatible(checkpoint: Path, cfg: SaneTrainingConfig, model_config: SaneConfig) -> None:
-    """Raise unless the checkpoint was written by a run with the same settings (exact resume needs them)."""
+def _zoo_fingerprint(splits: Mapping[str, Any]) -> str:
+    """A content hash of the training data: sizes, columns, ``model_id``/``epoch`` and the tokens of 8 rows per split."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        ds = splits[name]
+        n = len(ds)
+        digest.update(f"{name}:{n}:{sorted(ds.column_names)}".encode())
+        for column in ("model_id", "epoch"):
+            if column in ds.column_names:
+                digest.update(json.dumps(list(ds[column]), default=str).encode())
+        if "tokens" in ds.column_names and n:
+            rows = ds.with_format("numpy", columns=["tokens"])
+            for index in sorted({round(i * (n - 1) / 7) for i in range(8)}):
+                digest.update(rows[index]["tokens"].tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _check_resume_compatible(
+    checkpoint: Path, cfg: SaneTrainingConfig, model_config: SaneConfig, zoo_fingerprint: str | None = None
+) -> None:
+    """Raise unless the checkpoint was written by a run with the same settings and zoo (exact resume needs them)."""
+    saved_print = check_checkpoint_format(checkpoint).get("zoo_fingerprint")
+    if zoo_fingerprint is not None and saved_print is not None and saved_print != zoo_fingerprint:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the zoo is not the one this run was trained on (zoo fingerprint "
+            f"{zoo_fingerprint} != {saved_print}); resume with the original --zoo, or start a new run in another folder"
+        )
     saved_file = checkpoint / TRAINING_CONFIG_FILE
     if saved_file.is_file():
         saved = SaneTrainingConfig.from_json_file(saved_file).identity()

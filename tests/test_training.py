@@ -146,7 +146,9 @@ def test_two_processes_stay_in_sync(zoo_dir, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["steps"] == 4
     ckpt = latest_checkpoint(tmp_path)
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors", "model.safetensors", "checkpoint.json"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".bin", ".pt"))]  # no pickles
 
 
 def _never(info):  # a step callback that proves no training step ran
@@ -271,3 +273,106 @@ def test_recipe_reconstructs_better_than_the_old_defaults(zoo_dir, tmp_path):
     recipe = val_r2(tmp_path / "recipe")
     old = val_r2(tmp_path / "old", position_encoding="learned-tables", dropout=0.1, latent_dim=16)
     assert recipe > old + 0.1, (recipe, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# resume never unpickles anything
+
+
+class _Payload:
+    """Unpickling this writes a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path, marker) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+
+
+# every name Accelerate's save_state (and torch.save habits) would put into a checkpoint folder
+ACCELERATE_NAMES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "random_states_1.pkl",
+                    "optimizer.bin", "scheduler.bin", "sampler.bin", "dl_state_dict.bin", "scaler.pt",
+                    "pytorch_model.bin", "model.pt", "training_args.bin", "rng_state.pth")  # fmt: skip
+
+
+def test_resume_never_unpickles_and_stays_exact(zoo_dir, tmp_path):
+    """Pickles with a payload planted under every name a checkpoint may hold: nothing runs; resume is exact;
+    a pickle in place of one of sane-hf's own files is a clear error, and an old pickled checkpoint is refused."""
+    import shutil
+
+    settings = dict(max_steps=6, batch_size=4, windows_per_sample=2, eval_steps=3, save_steps=3)
+    full = train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path / "full", **settings))
+    out = tmp_path / "killed"
+
+    def kill(info):
+        if info.step == 4:
+            raise TrainingInterrupted("simulated kill")
+
+    with pytest.raises(TrainingInterrupted):
+        train_sane(tiny_config(), zoo_dir, tiny_training(out, **settings), step_callback=kill)
+    ckpt = latest_checkpoint(out)
+    own = sorted(p.name for p in ckpt.iterdir())
+    assert {"checkpoint.json", "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+            "loop_state.json", "rng_state_0.safetensors", "rng_state_0.json"} <= set(own)  # fmt: skip
+    marker = tmp_path / "PAYLOAD_RAN"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+
+    # 1. one of sane-hf's own files replaced by a pickle: a one-line error naming the file, nothing runs
+    for name in own:
+        if name in ("training_config.json", "sane_config.json", "weight_tokenizer.json"):
+            continue  # compared/parsed as JSON before training; covered by the JSON-error cases below
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
+        _plant(ckpt / name, marker)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            train_sane(tiny_config(), zoo_dir, tiny_training(out, resume=True, **settings), step_callback=_never)
+        assert not marker.exists(), name
+    for name in ("training_config.json", "sane_config.json", "weight_tokenizer.json"):
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
+        _plant(ckpt / name, marker)
+        with pytest.raises(ValueError):
+            train_sane(tiny_config(), zoo_dir, tiny_training(out, resume=True, **settings), step_callback=_never)
+        assert not marker.exists(), name
+
+    # 2. an old Accelerate checkpoint (pickles, no manifest): refused before anything is read
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    for name in ACCELERATE_NAMES:
+        _plant(ckpt / name, marker)
+    with pytest.raises(ValueError, match=r"pickled training state.*never loaded"):
+        train_sane(tiny_config(), zoo_dir, tiny_training(out, resume=True, **settings), step_callback=_never)
+    assert not marker.exists()
+
+    # 3. pickles under every foreign name beside a good checkpoint: ignored, and the resumed run is exact
+    shutil.rmtree(ckpt)
+    shutil.copytree(pristine, ckpt)
+    for name in ACCELERATE_NAMES:
+        _plant(ckpt / name, marker)
+    resumed = train_sane(tiny_config(), zoo_dir, tiny_training(out, resume=True, **settings))
+    assert not marker.exists()
+    _same_run(full, resumed)
+
+
+def test_resume_with_another_zoo_is_refused(zoo_dir, zoo_and_model, tmp_path):
+    settings = dict(max_steps=4, batch_size=4, windows_per_sample=2, eval_steps=0, save_steps=2)
+
+    def kill(info):
+        if info.step == 3:
+            raise TrainingInterrupted("simulated kill")
+
+    with pytest.raises(TrainingInterrupted):
+        train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, **settings), step_callback=kill)
+    with pytest.raises(ValueError, match=r"zoo is not the one this run was trained on.*--zoo"):
+        train_sane(tiny_config(), zoo_and_model / "zoo", tiny_training(tmp_path, resume=True, **settings),
+                   step_callback=_never)  # fmt: skip
+    # the run folder is untouched: resuming with the right zoo still works
+    train_sane(tiny_config(), zoo_dir, tiny_training(tmp_path, resume=True, **settings))
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
