@@ -410,6 +410,28 @@ class SaneProjectionHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def _looks_local(path: str, subfolder: str | None = None) -> bool:
+    """True for a path the user surely meant as a local folder (not a Hub repo id)."""
+    import os
+
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path):
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0]) or os.path.exists(path)
+
+
+def _check_weights_file(file: str) -> None:
+    """Raise naming ``file`` when it cannot be a whole safetensors file (truncated, absurd header)."""
+    import os
+
+    if not os.path.isfile(file):
+        return
+    size = os.path.getsize(file)
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+        raise ValueError(f"{file} is truncated or not a safetensors file ({size} bytes); save or download it again")
+
+
 class SanePreTrainedModel(PreTrainedModel):
     config_class = SaneConfig
     base_model_prefix = "sane"
@@ -455,6 +477,41 @@ class SaneModel(SanePreTrainedModel):
 
     ```
     """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about what a SANE checkpoint holds.
+
+        Missing, unexpected or mismatched weights are an error (transformers would initialise the
+        missing layers at random and carry on; pass `output_loading_info=True` to inspect them
+        instead). A local path that does not exist, a truncated `model.safetensors` and a
+        `config.json` with values of the wrong type are one-line errors naming the file.
+        """
+        import os
+
+        path = os.fspath(pretrained_model_name_or_path)
+        if isinstance(path, str) and not os.path.isdir(path) and _looks_local(path, kwargs.get("subfolder")):
+            what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+            raise OSError(f"model folder {path} {what} (a Hub repo id looks like 'user/name')")
+        if isinstance(path, str) and os.path.isdir(path):
+            _check_weights_file(os.path.join(path, kwargs.get("subfolder") or "", "model.safetensors"))
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        except Exception as err:
+            if any(c.__name__ == "StrictDataclassError" for c in type(err).__mro__):  # huggingface_hub's @strict
+                raise ValueError(f"config.json of {path} has a wrong value: {' '.join(str(err).split())}") from None
+            raise
+        if wants_info:
+            return model, info
+        problems = [f"{name.replace('_', ' ')} {sorted(map(str, info[name]))[:8]}"
+                    for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)]  # fmt: skip
+        if problems:
+            raise ValueError(
+                f"the weights in {path} do not fit its config.json ({'; '.join(problems)}): the checkpoint would run "
+                "with randomly initialised layers. Use the config.json saved with these weights"
+            )
+        return model
 
     def __init__(self, config: SaneConfig):
         super().__init__(config)

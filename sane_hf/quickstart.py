@@ -57,6 +57,7 @@ from sane_hf.configuration_sane import SaneConfig
 from sane_hf.embedding import DEFAULT_POOLING
 from sane_hf.evaluation import SamplingEvalConfig
 from sane_hf.probing import METHODS
+from sane_hf.serialization import writes_folder
 from sane_hf.training import SaneTrainingConfig, sane_config_preset
 from sane_hf.verdicts import (
     GROUP_NAMES,
@@ -788,6 +789,17 @@ def format_summary(
 # ----------------------------------------------------------------------------------------------
 
 
+def _quickstart_out(
+    config: QuickstartConfig | None = None, out_dir: str | os.PathLike = "sane-quickstart", *, overwrite: bool = False,
+    **_: Any,
+) -> tuple[Path, bool, bool]:
+    out = Path(out_dir)
+    zoo = out / _ZOO_DIR
+    own = (out / METRICS_FILE).is_file() or (zoo / "zoo_config.json").is_file() or (zoo / ".partial").is_dir()
+    return out, own, overwrite
+
+
+@writes_folder("quickstart", _quickstart_out)
 def run_quickstart(
     config: QuickstartConfig | None = None,
     out_dir: str | os.PathLike = "sane-quickstart",
@@ -802,7 +814,8 @@ def run_quickstart(
         config: what to run; default :class:`QuickstartConfig` () (the full run).
         out_dir: the output folder (created).
         overwrite: recompute the probe and sampling stages even when their metrics exist (the zoo and
-            the trained model are always reused when finished; delete them to start over).
+            the trained model are always reused when finished; delete them to start over); also allows
+            writing into a non-empty folder that a quickstart did not make.
         progress: progress bars of the stages.
         echo: where stage headers and the summary go (default: ``print`` to stdout).
 

@@ -12,13 +12,14 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_text", "JsonConfigMixin", "check_safetensors_header",
-    "load_safetensors_file", "load_safetensors_bytes",
+    "load_safetensors_file", "load_safetensors_bytes", "FolderLockedError", "folder_lock", "check_output_folder",
+    "write_owner_marker", "read_owner_marker", "LOCK_FILE", "OWNER_FILE", "writes_folder",
 ]  # fmt: skip
 
 
@@ -64,6 +65,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 _C = TypeVar("_C", bound="JsonConfigMixin")
+_R = TypeVar("_R")
 
 
 class JsonConfigMixin:
@@ -144,3 +146,145 @@ def load_safetensors_bytes(data: bytes, name: str = "data") -> dict[str, Any]:
         return safetensors.torch.load(data)
     except (safetensors.SafetensorError, RuntimeError, ValueError) as err:
         raise ValueError(f"{name} cannot be read ({err}); it is truncated or not safetensors data") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# output folders: never clobber someone else's files, one writer at a time
+
+LOCK_FILE = ".sane-hf.lock"
+_LOCK_OWNER_FILE = ".sane-hf.lock.json"
+#: written by a command into a folder it created, so that a rerun recognises the folder as its own
+OWNER_FILE = ".sane-hf-owner.json"
+_BOOKKEEPING = {LOCK_FILE, _LOCK_OWNER_FILE, OWNER_FILE}
+
+
+class FolderLockedError(RuntimeError):
+    """Another process is writing the folder (it holds the folder's lock)."""
+
+
+_HELD_LOCKS: dict[str, list[Any]] = {}  # resolved folder -> [FileLock, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``filelock`` on ``folder/.sane-hf.lock``) while writing it.
+
+    A second writer, in this or another process or host sharing the file system, fails at once
+    with :class:`FolderLockedError` naming the holder (pid, host, command). Re-entrant within a
+    process, so a job may call another job that locks the same folder.
+    """
+    import socket
+    import time
+
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = "another process"
+        try:
+            info = json.loads((folder / _LOCK_OWNER_FILE).read_text())
+            holder = f"pid {info['pid']} on host {info['host']} ({info['what']}, since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        raise FolderLockedError(
+            f"{folder} is being written by {holder}; wait for it to finish (or stop it) before writing there"
+        ) from None
+    _HELD_LOCKS[key] = [lock, 1]
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+        atomic_write_text(folder / _LOCK_OWNER_FILE, json.dumps(info) + "\n")
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        (folder / _LOCK_OWNER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def read_owner_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``.sane-hf-owner.json`` a command left in ``folder``, or None."""
+    try:
+        data = json.loads((Path(folder) / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_owner_marker(folder: str | os.PathLike, kind: str, **info: Any) -> None:
+    """Mark ``folder`` as written by command ``kind`` (hidden: never pushed to the Hub)."""
+    atomic_write_text(Path(folder) / OWNER_FILE, json.dumps({"kind": kind, **info}, sort_keys=True) + "\n")
+
+
+def check_output_folder(
+    folder: str | os.PathLike, *, kind: str, own: bool = False, overwrite: bool = False, flag: str = "--overwrite"
+) -> None:
+    """Raise unless ``folder`` may be written by command ``kind``: absent, empty, its own, or ``overwrite``.
+
+    "Its own" is ``own=True`` (the caller recognised its files, e.g. a finished zoo with the same
+    config) or an owner marker of the same ``kind``. Also refuses a path that is a file and a
+    folder that cannot be written, before any work starts.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"output folder {folder} is a file, not a folder: choose another output folder")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot create output folder {folder}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {folder}: {probe} is read-only; choose a writable output folder")
+    if not folder.exists() or overwrite or own:
+        return
+    marker = read_owner_marker(folder)
+    if marker is not None and marker.get("kind") == kind:
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _BOOKKEEPING)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"output folder {folder} is not empty ({shown}) and was not written by sane-hf {kind}; choose an empty "
+            f"folder, or pass {flag} to write into it anyway"
+        )
+
+
+def writes_folder(
+    kind: str, locate: Callable[..., tuple[Path, bool, bool] | None]
+) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
+    """Decorate a job that writes one output folder: check it (:func:`check_output_folder`), hold its lock
+    for the whole call and leave an owner marker, so that a rerun recognises the folder.
+
+    ``locate(*args, **kwargs)`` returns ``(folder, own, overwrite)`` for a call, or None to skip the
+    guard (the job then reports its own input error before any folder is made). Only rank 0 of an
+    ``accelerate launch`` takes the lock.
+    """
+    import functools
+
+    def decorate(fn: Callable[..., _R]) -> Callable[..., _R]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> _R:
+            where = locate(*args, **kwargs)
+            if where is None or os.environ.get("RANK", "0") != "0":
+                return fn(*args, **kwargs)
+            folder, own, overwrite = where
+            check_output_folder(folder, kind=kind, own=own, overwrite=overwrite)
+            with folder_lock(folder, f"sane-hf {kind}"):
+                if (read_owner_marker(folder) or {}).get("kind") != kind:
+                    write_owner_marker(folder, kind)
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

@@ -414,6 +414,11 @@ def _check_tensors(sd: Mapping[str, Any], what: str) -> None:
                 f"{what}[{key!r}] is a {type(value).__name__}, not a torch.Tensor; "
                 "pass a flat state_dict of tensors (e.g. model.state_dict(), or the inner 'state_dict' of a checkpoint)"
             )
+        if value.is_meta:
+            raise ValueError(
+                f"{what}[{key!r}] is a meta tensor (shape only, no values: the model was built on the 'meta' device "
+                "or its weights were never loaded); load the weights first"
+            )
         if value.is_complex() or value.is_floating_point():
             _check_float(key, value)
 
@@ -925,6 +930,12 @@ class WeightTokenizer:
         mask = plan.mask.to(device)  # (N, d)
         if normalize:
             self._normalize_(tokens, mask)
+            if not bool(torch.isfinite(tokens.sum())):  # finite weights can overflow float32 once normalised
+                bad = int((~torch.isfinite(tokens)).flatten(1).any(1).nonzero()[0])
+                raise ValueError(
+                    f"state_dicts[{bad}] gives non-finite tokens after normalisation (weights far outside the range "
+                    "the tokenizer was fitted on, e.g. ~3e38); check the checkpoint or encode with normalize=False"
+                )
         masks = _empty((len(sds), n, d), torch.bool, device)  # (B, N, d)
         masks.copy_(mask.expand(len(sds), n, d))
         return WeightTokens(
@@ -1051,12 +1062,22 @@ class WeightTokenizer:
         values = self._check_tokens(tokens, batched=False)
         into = self._check_into(out, values.device) if out is not None else None
         with torch.no_grad():
-            return self._extract(values, into)
+            return self._check_decoded(self._extract(values, into), "decode")
+
+    def _check_decoded(self, sd: OrderedDict[str, Tensor], what: str) -> OrderedDict[str, Tensor]:
+        """Raise naming the first weight that came out NaN/Inf (NaN tokens would decode to NaN weights)."""
+        for key, value in sd.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"{what}: the tokens give non-finite values for {key!r} (NaN or Inf tokens); check the model "
+                    "output that produced them"
+                )
+        return sd
 
     def decode_batch(self, tokens: WeightTokens | Tensor) -> list[OrderedDict[str, Tensor]]:
         """Rebuild one state_dict per network of ``(B, N, d)`` tokens."""
         values = self._check_tokens(tokens, batched=True)
-        return [self._extract(v) for v in values]
+        return [self._check_decoded(self._extract(v), f"decode_batch[{i}]") for i, v in enumerate(values)]
 
     # -- normalisation -------------------------------------------------------------------------
 
@@ -1137,6 +1158,9 @@ class WeightTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / TOKENIZER_FILE
         fd, tmp = tempfile.mkstemp(prefix=f".{TOKENIZER_FILE}.", suffix=".tmp", dir=directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=1)
@@ -1189,5 +1213,11 @@ class WeightTokenizer:
                     f"holding {TOKENIZER_FILE}, and fetching it from the Hugging Face Hub failed "
                     f"({type(err).__name__}: {err})"
                 ) from err
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file} is not a valid {TOKENIZER_FILE} ({err}); save the tokenizer again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} is not a valid {TOKENIZER_FILE} (expected a JSON object)")
+        return cls.from_dict(data)

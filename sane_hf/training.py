@@ -52,6 +52,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -1033,6 +1034,11 @@ def train_sane(
             raise ValueError("tracker='tensorboard' needs the tensorboard package: pip install tensorboard")
 
     # -- output folder ------------------------------------------------------------------------
+    from sane_hf.serialization import check_output_folder
+
+    own = (output_dir / TRAINING_CONFIG_FILE).is_file() or latest_checkpoint(output_dir) is not None
+    check_output_folder(output_dir, kind="train", own=own, overwrite=cfg.overwrite_output_dir,
+                        flag="overwrite_output_dir=True (--overwrite)")  # fmt: skip
     resume_from = latest_checkpoint(output_dir) if cfg.resume else None
     if resume_from is not None:
         check_checkpoint_format(resume_from)  # refuses pickled (old Accelerate) checkpoints before anything runs
@@ -1063,7 +1069,14 @@ def train_sane(
     previous_threads = torch.get_num_threads()
     if on_cpu:
         torch.set_num_threads(cfg.num_threads)
+    lock = contextlib.ExitStack()
     try:
+        if accelerator.is_main_process:  # one writer per run folder; the other processes of a launch follow
+            from sane_hf.serialization import folder_lock, read_owner_marker, write_owner_marker
+
+            lock.enter_context(folder_lock(output_dir, "sane-hf train"))
+            if (read_owner_marker(output_dir) or {}).get("kind") != "train":
+                write_owner_marker(output_dir, "train")
         if resume_from is not None and tokenizer is None and (resume_from / "weight_tokenizer.json").is_file():
             tokenizer = WeightTokenizer.from_pretrained(resume_from)  # the exact normalisation of the run
         return _train(
@@ -1071,6 +1084,7 @@ def train_sane(
             step_callback, resume_from, output_dir,
         )  # fmt: skip
     finally:
+        lock.close()
         if on_cpu:
             torch.set_num_threads(previous_threads)
         # not accelerator.end_training(): it would also destroy the process group, which the caller may still use

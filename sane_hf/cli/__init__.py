@@ -67,16 +67,64 @@ def restore_library_progress_bars(state: dict[str, bool]) -> None:
         huggingface_hub.utils.enable_progress_bars()
 
 
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a bad environment (shown as one line), not a bug in sane-hf."""
+    from filelock import Timeout
+
+    from sane_hf.serialization import FolderLockedError
+
+    known: list[type[BaseException]] = [ValueError, OSError, FolderLockedError, Timeout, UnicodeDecodeError]
+    try:
+        from safetensors import SafetensorError
+
+        known.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+
+        known += [DatasetGenerationError, DatasetNotFoundError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import pyarrow as pa
+
+        known.append(pa.ArrowException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(known)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``sane-hf``. Bad input gives one line ``sane-hf <command>: error: ...`` on stderr and exit code 2
+    (Ctrl-C: exit code 130); set ``SANE_HF_TRACEBACK=1`` to see the full traceback instead."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    command = " ".join(p for p in ("sane-hf", getattr(args, "command", None), getattr(args, "zoo_command", None)) if p)
     quiet = bool(getattr(args, "no_progress", False)) or getattr(args, "progress", True) is False
     state = silence_library_progress_bars() if quiet else {}
     try:
+        if os.environ.get("SANE_HF_TRACEBACK"):
+            return int(args.func(args) or 0)
         result = args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except _known_errors() as err:
+        print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     finally:  # main() is also called in-process (tests, notebooks): leave the libraries as found
         restore_library_progress_bars(state)
     return int(result or 0)

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sane_hf.serialization import writes_folder
+
 __all__ = [
     "register", "run_probe", "resplit_by_model", "plot_predictions", "plot_embedding_map", "write_probe_artifacts",
     "format_probe_summary",
@@ -51,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder holding the SaneModel (config.json + weights) and its weight_tokenizer.json")
     p.add_argument("--zoo", required=True, help="raw zoo folder (sane-hf zoo build/import) or Hub dataset id")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <model>/probe)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even when it holds files sane-hf probe did not write")
     p.add_argument("--split-by", choices=("zoo", "model"), default="zoo",
                    help="'zoo': use the zoo's own train/validation/test splits (default); 'model': pool all rows and "
                         "cross-validate with --folds folds of models grouped by model_id (for small zoos: every "
@@ -223,6 +227,14 @@ def write_probe_artifacts(report: Any, out: Path, *, plots: bool = True) -> list
     return files
 
 
+def _probe_out(args: argparse.Namespace) -> tuple[Path, bool, bool] | None:
+    if not (Path(args.model) / "config.json").is_file():
+        return None  # run_probe reports the missing model before any folder is made
+    out = Path(args.out) if args.out is not None else Path(args.model) / "probe"
+    return out, (out / "metrics.json").is_file(), bool(getattr(args, "overwrite", False))
+
+
+@writes_folder("probe", _probe_out)
 def run_probe(args: argparse.Namespace) -> int:
     import torch
 

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sane_hf.serialization import writes_folder
+
 __all__ = ["register", "run_sample", "format_report"]
 
 _SKIP = ("window", "halo")  # advanced: kept at the model's defaults on the command line
@@ -85,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder with the SaneModel (config.json + weights) and its weight_tokenizer.json")
     p.add_argument("--zoo", required=True, help="raw zoo folder (sane-hf zoo build/import) or Hub dataset id")
     p.add_argument("--out", required=True, type=Path, help="output folder for samples and metrics.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even when it holds files sane-hf sample did not write")
     p.add_argument("--evaluate", action="store_true", help="run the full evaluation protocol (fine-tuning, baselines)")
     p.add_argument("--zoo-config", type=Path, default=None,
                    help="the zoo's zoo_config.json (default: <zoo>/zoo_config.json, else <model>/zoo_config.json)")
@@ -232,6 +236,15 @@ def format_diversity(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sample_out(args: argparse.Namespace) -> tuple[Path, bool, bool] | None:
+    if not (Path(args.model) / "config.json").is_file():
+        return None  # run_sample reports the missing model before any folder is made
+    out = Path(args.out)
+    own = (out / "metrics.json").is_file() or (out.is_dir() and any(out.glob("sample_*.safetensors")))
+    return out, own, bool(getattr(args, "overwrite", False))
+
+
+@writes_folder("sample", _sample_out)
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 

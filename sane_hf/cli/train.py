@@ -54,10 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="zoo folder: raw (sane-hf zoo build/import) or tokenized (save_to_disk) with its tokenizer")
     group.add_argument("--out", dest="output_dir", default=argparse.SUPPRESS,
                        help="output folder (same as --output_dir)")
-    group.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+    group.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=None,
                        help=f"SaneConfig preset (default: {DEFAULT_PRESET}, the recipe of the quickstart and of "
                             "benchmarks/learning_curves.py): small = fast CPU model, defaults = SaneConfig defaults "
-                            "(wider and deeper), large = bigger, for GPUs")
+                            "(wider and deeper), large = bigger, for GPUs. With --resume the run's own config is used")
+    group.add_argument("--overwrite", dest="overwrite_output_dir", action="store_true", default=argparse.SUPPRESS,
+                       help="same as --overwrite_output_dir: delete the run in --out (or write into a folder "
+                            "sane-hf did not make) and start over")
     group.add_argument("--model-config", type=Path, default=None,
                        help="a SaneConfig config.json to use instead of a preset (token_size must match the zoo)")
     group.add_argument("--tokenizer", type=Path, default=None,
@@ -94,22 +97,47 @@ def _token_size(args: argparse.Namespace) -> tuple[int, Any]:
 
 def _model_config(args: argparse.Namespace, token_size: int, training: Any):
     from sane_hf.configuration_sane import SaneConfig
-    from sane_hf.training import latest_checkpoint, sane_config_preset
+    from sane_hf.training import latest_checkpoint
 
     overrides = {k: v for k, v in (("window_size", args.window_size), ("halo_size", args.halo_size)) if v is not None}
     checkpoint = latest_checkpoint(training.output_dir) if training.resume else None
+    explicit = [flag for flag, value in (("--config", args.preset), ("--model-config", args.model_config),
+                                         ("--window-size", args.window_size), ("--halo-size", args.halo_size))
+                if value is not None]  # fmt: skip
+    if checkpoint is not None and (checkpoint / "sane_config.json").is_file():
+        saved = SaneConfig.from_json_file(str(checkpoint / "sane_config.json"))
+        if explicit:  # the flags must describe the run's own model, or they would be silently ignored
+            wanted = _model_config_from_flags(args, token_size, overrides)
+            ignore = ("transformers_version", "_name_or_path", "architectures", "auto_map")
+            a, b = saved.to_dict(), wanted.to_dict()
+            diff = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+            if diff:
+                raise ValueError(
+                    f"--resume continues the run's own model ({checkpoint / 'sane_config.json'}) but "
+                    f"{', '.join(explicit)} ask for another one (differs in {diff}); drop "
+                    f"{'them' if len(explicit) > 1 else 'it'} to resume, or start a new run in another --out"
+                )
+        print(f"sane-hf train: resuming {checkpoint} with the run's model config ({checkpoint / 'sane_config.json'})")
+        config = saved
+    else:
+        config = _model_config_from_flags(args, token_size, overrides)
+    if config.token_size != token_size:
+        raise ValueError(f"the model config has token_size {config.token_size} but the zoo's tokens have {token_size}")
+    return config
+
+
+def _model_config_from_flags(args: argparse.Namespace, token_size: int, overrides: dict[str, Any]):
+    from sane_hf.configuration_sane import SaneConfig
+    from sane_hf.training import DEFAULT_PRESET, sane_config_preset
+
     if args.model_config is not None:
         config = SaneConfig.from_json_file(str(args.model_config))
         for key, value in overrides.items():
             setattr(config, key, value)
-    elif checkpoint is not None and (checkpoint / "sane_config.json").is_file():
-        config = SaneConfig.from_json_file(str(checkpoint / "sane_config.json"))  # the run's own model
     else:
-        config = sane_config_preset(args.preset, token_size, **overrides)
+        config = sane_config_preset(args.preset or DEFAULT_PRESET, token_size, **overrides)
         if args.window_size is None:
             _fit_preset_window(config, args, token_size)
-    if config.token_size != token_size:
-        raise ValueError(f"the model config has token_size {config.token_size} but the zoo's tokens have {token_size}")
     return config
 
 
@@ -138,8 +166,11 @@ def _fit_preset_window(config: Any, args: argparse.Namespace, token_size: int) -
     num_tokens = _zoo_num_tokens(args, token_size)
     if num_tokens is None or config.window_size <= num_tokens:
         return
+    from sane_hf.training import DEFAULT_PRESET
+
     print(
-        f"sane-hf train: the zoo's models are {num_tokens} tokens long, shorter than the {args.preset!r} preset's "
+        f"sane-hf train: the zoo's models are {num_tokens} tokens long, shorter than the "
+        f"{args.preset or DEFAULT_PRESET!r} preset's "
         f"window ({config.window_size}); training on whole-model windows (window_size={num_tokens}, halo_size=0). "
         "Pass --window-size to choose another."
     )

@@ -55,7 +55,15 @@ import torch
 from datasets import Array2D, Dataset, DatasetDict, Features, Value
 from torch import nn
 
-from sane_hf.serialization import JsonConfigMixin, atomic_path, atomic_write_text
+from sane_hf.serialization import (
+    JsonConfigMixin,
+    atomic_path,
+    atomic_write_text,
+    check_output_folder,
+    folder_lock,
+    read_owner_marker,
+    write_owner_marker,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from sane_hf.tokenization_sane import WeightTokenizer
@@ -460,8 +468,31 @@ class _PartStore:
     def remove(self) -> None:
         if self.dir.exists():
             trash = self.dir.with_name(f"{_PARTIAL}-delete-{os.getpid()}")
+            _note_temp_dirs(self.dir.parent, [trash.name])
             os.replace(self.dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        _remove_own_temp_dirs(self.dir.parent)
+
+
+# temp folders this zoo's writers made, so that a rerun deletes exactly those (never another tool's)
+_TEMP_JOURNAL = ".sane-hf-temp.json"
+
+
+def _note_temp_dirs(out_dir: Path, names: Sequence[str]) -> None:
+    journal = out_dir / _TEMP_JOURNAL
+    known = json.loads(journal.read_text()) if journal.is_file() else []
+    atomic_write_text(journal, json.dumps(sorted(set(known) | set(names))) + "\n")
+
+
+def _remove_own_temp_dirs(out_dir: Path) -> None:
+    """Delete the temp folders listed in this zoo's journal (left by a writer killed mid-way)."""
+    journal = out_dir / _TEMP_JOURNAL
+    if not journal.is_file():
+        return
+    for name in json.loads(journal.read_text()):
+        if isinstance(name, str) and name.startswith(".") and "/" not in name and name not in (".", ".."):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+    journal.unlink(missing_ok=True)
 
 
 def split_model_ids(
@@ -594,9 +625,10 @@ def _assemble(
     if missing:  # pragma: no cover - importers size num_models from their sources
         raise RuntimeError(f"model ids {missing[:5]} are outside 0..{config.num_models - 1}")
 
-    for stale in [*out_dir.glob(".data-tmp-*"), *out_dir.glob(".data-old-*"), *out_dir.glob(f"{_PARTIAL}-delete-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while assembling
+    _remove_own_temp_dirs(out_dir)  # left by a run killed while assembling (only ours: see the journal)
     tmp_data = out_dir / f".data-tmp-{os.getpid()}"
+    old = out_dir / f".data-old-{os.getpid()}"
+    _note_temp_dirs(out_dir, [tmp_data.name, old.name])
     tmp_data.mkdir(parents=True)
     shard_files: dict[str, list[Path]] = {s: [] for s in SPLITS}
     split_nbytes: dict[str, int] = {s: 0 for s in SPLITS}  # in-memory (arrow) bytes: SplitInfo.num_bytes
@@ -645,7 +677,6 @@ def _assemble(
         if n:
             data_files[split] = f"data/{split}-*"
     data_dir = out_dir / "data"
-    old = out_dir / f".data-old-{os.getpid()}"
     if data_dir.exists():
         os.replace(data_dir, old)
     os.replace(tmp_data, data_dir)
@@ -1303,6 +1334,7 @@ def _is_complete(out_dir: Path) -> bool:
 def _prepare_out_dir(out_dir: Path, identity: Mapping[str, Any], overwrite: bool, what: str) -> bool:
     """Handle an existing ``out_dir``; True when it already holds this exact complete zoo."""
     if overwrite:
+        _remove_own_temp_dirs(out_dir)
         for name in ("data", _PARTIAL, "README.md", _CONFIG_FILE, _SUMMARY_FILE):
             path = out_dir / name
             if path.is_dir():
@@ -1325,6 +1357,34 @@ def _prepare_out_dir(out_dir: Path, identity: Mapping[str, Any], overwrite: bool
     return False
 
 
+def _writes_zoo(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a zoo writer taking ``out_dir`` and ``overwrite``: refuse a folder that is not a zoo (unless
+    ``overwrite``), hold the folder's lock for the whole call (rank 0 of a launch), and mark the folder as a zoo."""
+    import functools
+    import inspect
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out_dir = Path(bound.arguments["out_dir"])
+            if os.environ.get("RANK", "0") != "0":  # other processes of a launch follow rank 0
+                return fn(*args, **kwargs)
+            own = (out_dir / _CONFIG_FILE).is_file() or (out_dir / _PARTIAL).is_dir()
+            check_output_folder(out_dir, kind="zoo", own=own, overwrite=bool(bound.arguments.get("overwrite")))
+            with folder_lock(out_dir, what):
+                if (read_owner_marker(out_dir) or {}).get("kind") != "zoo":
+                    write_owner_marker(out_dir, "zoo")
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def _distributed_state():
     """``accelerate.PartialState`` (1 process unless launched with ``accelerate launch`` / ``torchrun``).
 
@@ -1345,6 +1405,7 @@ def _chunk_name(index: int) -> str:
     return f"chunk-{index:05d}"
 
 
+@_writes_zoo("sane-hf zoo build")
 def build_zoo(
     config: ZooConfig,
     out_dir: str | os.PathLike,
@@ -1563,6 +1624,25 @@ def _make_aligner(config: ZooConfig, store: _PartStore) -> _Aligner:
 # ---------------------------------------------------------------------------------------------
 
 
+def _looks_local(text: str) -> bool:
+    """True for a path the user surely meant as local: ``./x``, ``/x``, ``~/x``, ``a/b/c``, or ``a/b`` with ``a`` here."""
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        return True
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
+
+
+def _raise_for_bad_shard(folder: Path, err: BaseException) -> None:
+    """Raise a ``ValueError`` naming the first parquet shard of ``folder`` that cannot be read, if any."""
+    for shard in sorted((folder / "data").glob("*.parquet")):
+        try:
+            pq.read_table(shard)
+        except Exception as shard_err:  # noqa: BLE001 - arrow raises several types for broken files
+            raise ValueError(
+                f"zoo shard {shard} is corrupt or truncated ({' '.join(str(shard_err).split())}); rebuild the zoo "
+                "(--overwrite) or copy that file again"
+            ) from err
+
+
 def load_zoo(path_or_repo: str | os.PathLike, *, cache_dir: str | None = None, **kwargs: Any) -> DatasetDict:
     """Load a zoo folder (written by :func:`build_zoo` or an importer) or a Hub dataset repo id.
 
@@ -1574,14 +1654,25 @@ def load_zoo(path_or_repo: str | os.PathLike, *, cache_dir: str | None = None, *
 
     path = Path(path_or_repo)
     if path.is_dir():
-        if not (path / "README.md").exists():
-            files = {s: sorted(str(p) for p in (path / "data").glob(f"{s}-*.parquet")) for s in SPLITS}
-            files = {s: f for s, f in files.items() if f}
-            if not files:
-                raise FileNotFoundError(f"{path} holds no README.md and no data/<split>-*.parquet: not a zoo folder")
-            zoo = datasets.load_dataset("parquet", data_files=files, cache_dir=cache_dir, **kwargs)
-        else:
-            zoo = datasets.load_dataset(str(path.resolve()), cache_dir=cache_dir, **kwargs)
+        try:
+            if not (path / "README.md").exists():
+                files = {s: sorted(str(p) for p in (path / "data").glob(f"{s}-*.parquet")) for s in SPLITS}
+                files = {s: f for s, f in files.items() if f}
+                if not files:
+                    raise FileNotFoundError(
+                        f"{path} holds no README.md and no data/<split>-*.parquet: not a zoo folder"
+                    )
+                zoo = datasets.load_dataset("parquet", data_files=files, cache_dir=cache_dir, **kwargs)
+            else:
+                zoo = datasets.load_dataset(str(path.resolve()), cache_dir=cache_dir, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # datasets wraps a broken shard in errors that name no file: find it
+            _raise_for_bad_shard(path, err)
+            raise
+    elif path.exists() or _looks_local(str(path_or_repo)):
+        what = "is a file, not a zoo folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"zoo folder {path} {what} (a Hub dataset id looks like 'user/name')")
     else:
         zoo = datasets.load_dataset(str(path_or_repo), cache_dir=cache_dir, **kwargs)
     if not isinstance(zoo, DatasetDict):  # pragma: no cover - split= was passed

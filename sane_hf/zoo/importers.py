@@ -78,6 +78,7 @@ import numpy as np
 import torch
 from datasets import DatasetDict
 
+from sane_hf.serialization import check_safetensors_header
 from sane_hf.zoo.dataset import (
     PROPERTY_COLUMNS,
     ZOO_FEATURES,
@@ -87,6 +88,7 @@ from sane_hf.zoo.dataset import (
     _make_row,
     _PartStore,
     _prepare_out_dir,
+    _writes_zoo,
     load_zoo,
     state_dict_from_bytes,
     state_dict_to_bytes,
@@ -170,8 +172,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> OrderedDict[str, torch.Tens
     """A state_dict from ``*.safetensors`` or a torch file read with ``weights_only=True``."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        check_safetensors_header(path)
         # key order: as recorded by state_dict_to_bytes, else the file's (safetensors sorts keys)
-        return state_dict_from_bytes(path.read_bytes())
+        try:
+            return state_dict_from_bytes(path.read_bytes())
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {path} ({err}); it is truncated or not a safetensors file") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle errors come in many types
@@ -185,9 +191,15 @@ def load_checkpoint_file(path: str | os.PathLike) -> OrderedDict[str, torch.Tens
 def _signature_of_file(path: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Keys and shapes (sorted by key) of a checkpoint file; safetensors: header only."""
     if path.suffix == ".safetensors":
+        check_safetensors_header(path)  # a header claiming 2**62 bytes would otherwise be read into memory
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {err})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         return tuple(sorted((k, tuple(v["shape"])) for k, v in header.items()))
     sd = load_checkpoint_file(path)
@@ -365,6 +377,7 @@ def _coerce(column: str, value: Any) -> Any:
     return int(x) if dtype.startswith("int") else x
 
 
+@_writes_zoo("sane-hf zoo import")
 def _run_import(
     fmt: str,
     src: Path,
@@ -412,6 +425,7 @@ def _run_import(
     store = _PartStore(out_dir)
     store.check_request(identity)
 
+    converted = 0
     for unit in tqdm(todo_units, desc=f"importing {fmt}", unit="model", disable=not progress):
         if store.done(unit.part):
             continue
@@ -424,18 +438,36 @@ def _run_import(
                 values["arch"] = arch
             if values.get("task") in (None, "unknown"):
                 values["task"] = task
+            wide = [k for k, v in sd.items() if v.dtype == torch.float64]
+            if wide:  # zoos store float32 (the dtype SANE trains on): convert, and say so in the card
+                sd = OrderedDict((k, v.float() if v.dtype == torch.float64 else v) for k, v in sd.items())
+                converted += 1
             if not _is_finite_state_dict(sd):
                 dropped.append([unit.model_id, int(values.get("epoch") if values.get("epoch") is not None else -1)])
                 continue
             for prop in _MEASURED:
                 v = values.get(prop)
+                if v is not None and math.isinf(float(v)):
+                    raise ValueError(
+                        f"{unit.source}: property {prop} = {v} is not finite (epoch {values.get('epoch')}); fix the "
+                        "source (leave the value empty when it is unknown)"
+                    )
                 if v is None or not math.isfinite(float(v)):
                     missing[prop] += 1
             values["weights"] = state_dict_to_bytes(sd)
             rows.append(_make_row(values))
         rows.sort(key=lambda r: r["epoch"])
+        repeated = sorted({r["epoch"] for r in rows if sum(q["epoch"] == r["epoch"] for q in rows) > 1})
+        if repeated:
+            raise ValueError(
+                f"{unit.source}: several checkpoints of model {unit.model_id} have epoch(s) {repeated}; each "
+                "(model_id, epoch) must appear once (give each file its own epoch or model_id in the properties)"
+            )
         store.write(unit.part, rows, {"model_ids": [unit.model_id], "source": unit.source,
                                       "dropped": dropped, "missing": dict(missing)})
+    if converted:
+        warnings.warn(f"converted float64 weights to float32 in {converted} checkpoint(s) of this run "
+                      "(zoos store float32)", stacklevel=3)  # fmt: skip
 
     infos = store.infos()
     dropped_all = [d for info in infos.values() for d in info["dropped"]]
@@ -531,9 +563,19 @@ def _read_properties(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
     file suffix), else ``file``/``filename``/``name``/``stem`` (the file name or its stem).
     """
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; fix that line"
+            ) from None
         if isinstance(data, Mapping):
+            bad = [str(k) for k, v in data.items() if not isinstance(v, Mapping)]
+            if bad:
+                raise ValueError(f"{path}: the entries for {bad[:5]} are not objects of property values")
             return [("path" if "/" in str(k) else "file", str(k), dict(v)) for k, v in data.items()]
+        if not isinstance(data, list) or not all(isinstance(r, Mapping) for r in data):
+            raise ValueError(f"{path} must hold an object {{file: {{property: value}}}} or a list of records")
         records = data
     else:
         with open(path, newline="") as fh:
