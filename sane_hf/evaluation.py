@@ -481,6 +481,8 @@ def save_samples(samples: Sequence[Any], out_dir: Path, metadata: Mapping[str, s
     """Write ``sample_XXX.safetensors`` files (best first); returns their names."""
     from safetensors.torch import save_file
 
+    from sane_hf.serialization import atomic_path, usual_file_mode
+
     names = []
     for i, s in enumerate(samples):
         name = f"sample_{i:03d}.safetensors"
@@ -493,7 +495,9 @@ def save_samples(samples: Sequence[Any], out_dir: Path, metadata: Mapping[str, s
             "round": str(s.round),
             "key_order": json.dumps(list(tensors)),
         }
-        save_file(tensors, str(out_dir / name), metadata=meta)
+        with atomic_path(out_dir / name) as tmp:  # a killed run leaves no half-written sample
+            save_file(tensors, str(tmp), metadata=meta)
+            usual_file_mode(tmp)
         names.append(name)
     return names
 

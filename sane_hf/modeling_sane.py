@@ -513,6 +513,19 @@ class SaneModel(SanePreTrainedModel):
             )
         return model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the usual file mode (umask) on the weights, which
+        safetensors writes as 0600."""
+        import os
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        for entry in os.scandir(save_directory):
+            if entry.is_file() and entry.name.endswith(".safetensors"):
+                os.chmod(entry.path, 0o666 & ~umask)
+        return result
+
     def __init__(self, config: SaneConfig):
         super().__init__(config)
         self.encoder = SaneStack(

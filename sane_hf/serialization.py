@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_text", "JsonConfigMixin", "check_safetensors_header",
     "load_safetensors_file", "load_safetensors_bytes", "FolderLockedError", "folder_lock", "check_output_folder",
-    "write_owner_marker", "read_owner_marker", "LOCK_FILE", "OWNER_FILE", "writes_folder",
+    "write_owner_marker", "read_owner_marker", "LOCK_FILE", "OWNER_FILE", "writes_folder", "usual_file_mode",
 ]  # fmt: skip
 
 
@@ -30,6 +30,12 @@ def _default_file_mode() -> int:
 
 
 _FILE_MODE = _default_file_mode()  # mkstemp creates 0600 files; ours get the usual mode
+
+
+def usual_file_mode(*paths: str | os.PathLike) -> None:
+    """Give files the usual mode (0666 minus the umask): ``safetensors`` and ``mkstemp`` make 0600 files."""
+    for path in paths:
+        os.chmod(path, _FILE_MODE)
 
 
 @contextlib.contextmanager

@@ -846,6 +846,11 @@ class WeightTokenizer:
             value = sd[spec.key]
             if not isinstance(value, Tensor):
                 raise TypeError(f"{what}[{spec.key!r}] is a {type(value).__name__}, not a torch.Tensor")
+            if value.is_meta:
+                raise ValueError(
+                    f"{what}[{spec.key!r}] is a meta tensor (shape only, no values: the model was built on the "
+                    "'meta' device or its weights were never loaded); load the weights first"
+                )
             if tuple(value.shape) != spec.shape:
                 raise ValueError(
                     f"{what}[{spec.key!r}] has shape {tuple(value.shape)} but the tokenizer expects {spec.shape}; "

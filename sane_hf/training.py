@@ -761,10 +761,13 @@ def _save_training_state(
     """Write model, optimizer, schedule, loop and RNG state into ``folder`` as safetensors + JSON (no pickle)."""
     import safetensors.torch
 
+    from sane_hf.serialization import usual_file_mode
+
     rank = accelerator.process_index
     rng_tensors, rng_meta = _rng_state()
     tensor_file, json_file = _rng_files(rank)
     safetensors.torch.save_file(rng_tensors, str(folder / tensor_file))
+    usual_file_mode(folder / tensor_file)
     (folder / json_file).write_text(json.dumps(rng_meta) + "\n")
     if not accelerator.is_main_process:
         return
@@ -777,6 +780,7 @@ def _save_training_state(
     (folder / _LOOP_JSON).write_text(json.dumps(state.state_dict(), indent=1) + "\n")
     if accelerator.scaler is not None:
         (folder / _SCALER_JSON).write_text(json.dumps(_to_json(accelerator.scaler.state_dict())) + "\n")
+    usual_file_mode(*(folder / name for name in (_MODEL_FILE, _OPTIMIZER_TENSORS)))
     manifest = {
         "format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "step": state.global_step,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,

@@ -127,3 +127,40 @@ def test_trained_folder_loads_with_pipeline_in_a_fresh_process(zoo_dir, tmp_path
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["samples"] == 2 and result["keys_match"] and result["embedding_rows"] == 2
     assert result["sampler"].startswith("transformers_modules")  # the folder's code, not an installed sane_hf
+
+
+def test_resume_refuses_model_flags_that_differ_and_says_which_config_it_uses(zoo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "2", "--save-steps", "1",
+            "--token-size", "16", "--batch-size", "8", "--num-threads", "1", "--no-progress"]  # fmt: skip
+    assert main([*base, "--config", "small"]) == 0
+    capsys.readouterr()
+    for flags, named in ((["--config", "defaults"], "--config"), (["--window-size", "24"], "--window-size")):
+        with pytest.raises(SystemExit, match=rf"--resume continues the run's own model .*{named} ask for another"):
+            main([*base, "--resume", *flags])
+    assert main([*base, "--resume"]) == 0  # no model flags: the run's own config, and it says so
+    assert "with the run's model config" in capsys.readouterr().out
+    assert main([*base, "--resume", "--config", "small"]) == 0  # flags that describe the same model are fine
+
+
+def test_train_never_overwrites_a_folder_it_did_not_make(zoo_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "own config"}\n')
+    (out / "model.safetensors").write_bytes(b"my own weights")
+    with pytest.raises(SystemExit, match=r"mine is not empty \(config\.json, model\.safetensors\).*--overwrite"):
+        main(["train", "--zoo", str(zoo_dir), "--out", str(out), *FAST, "--max-steps", "1"])
+    assert (out / "config.json").read_text() == '{"my": "own config"}\n'
+    assert (out / "model.safetensors").read_bytes() == b"my own weights"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["config.json", "model.safetensors"]
+    # --overwrite is the explicit way to write there anyway
+    assert main(["train", "--zoo", str(zoo_dir), "--out", str(out), *FAST, "--max-steps", "1", "--save-steps", "0",
+                 "--overwrite"]) == 0  # fmt: skip
+    assert SaneModel.from_pretrained(out).config.token_size == 16
+    # and the usual file modes (umask), the weights included
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "weight_tokenizer.json", "config.json", "metrics.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -110,3 +110,73 @@ def test_help_texts_are_consistent(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--no_progress, --no-progress turn --progress off" in text
     assert "--no_permutation, --no-permutation turn --permutation off" in text
+
+
+@pytest.mark.slow  # three small builds, one in a subprocess: ~1-2 min on 2 busy cores
+def test_ctrl_c_during_a_build_then_rerun_gives_the_same_zoo(tmp_path):
+    """SIGINT mid-build: one line "interrupted; rerun the same command to resume", exit 130, no traceback;
+    the rerun finishes the zoo, and its data equal an uninterrupted build's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    argv = ["zoo", "build", "--task", "digits", "--arch", "cnn-s", "--num-models", "4", "--epochs", "2",
+            "--train-subset", "128", "--eval-subset", "64", "--models-per-chunk", "1", "--num-workers", "1",
+            "--no-progress"]  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "sane_hf.cli", *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / ".partial" / "chunk-00001.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert not (out / "zoo_config.json").exists() and (out / ".partial").is_dir()
+
+    assert main([*argv, "--out", str(out)]) == 0
+    full = tmp_path / "full"
+    assert main([*argv, "--out", str(full)]) == 0
+    for split in SPLITS:
+        files = sorted((full / "data").glob(f"{split}-*.parquet"))
+        assert [f.name for f in files] == sorted(f.name for f in (out / "data").glob(f"{split}-*.parquet"))
+        for f in files:
+            assert pq.read_table(f).equals(pq.read_table(out / "data" / f.name)), f.name
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".data-", ".partial"))]
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys):
+    """Two writers of one zoo folder: the second gets one line naming the holder (pid, host), and nothing
+    of the first writer's folder changes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "zoo"
+    code = ("import sys, time; from sane_hf.serialization import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'sane-hf zoo build'):\n    print('locked', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["zoo", "build", "--task", "digits", "--arch", "mlp", "--num-models", "2", "--epochs", "0",
+                     "--out", str(out), "--no-progress"]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert f"is being written by pid {holder.pid} on host" in err and "(sane-hf zoo build, since" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["zoo", "build", "--task", "digits", "--arch", "mlp", "--num-models", "2", "--epochs", "0",
+                 "--train-subset", "64", "--eval-subset", "32", "--out", str(out), "--no-progress"]) == 0  # fmt: skip

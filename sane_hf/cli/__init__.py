@@ -70,10 +70,11 @@ def restore_library_progress_bars(state: dict[str, bool]) -> None:
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a bad environment (shown as one line), not a bug in sane-hf."""
     from filelock import Timeout
+    from huggingface_hub.errors import StrictDataclassError
 
     from sane_hf.serialization import FolderLockedError
 
-    known: list[type[BaseException]] = [ValueError, OSError, FolderLockedError, Timeout, UnicodeDecodeError]
+    known: list[type[BaseException]] = [ValueError, OSError, FolderLockedError, Timeout, StrictDataclassError]
     try:
         from safetensors import SafetensorError
 

@@ -100,6 +100,14 @@ def run_push(args: argparse.Namespace) -> int:
         raise SystemExit("sane-hf push: --model needs --repo-id (e.g. user/sane-digits)")
     if args.zoo is not None and not args.dataset_repo_id:
         raise SystemExit("sane-hf push: --zoo needs --dataset-repo-id (e.g. user/digits-cnn-zoo)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for flag, repo_id in (("--repo-id", args.repo_id), ("--dataset-repo-id", args.dataset_repo_id)):
+        if repo_id:
+            try:
+                validate_repo_id(repo_id)
+            except HFValidationError as err:
+                raise SystemExit(f"sane-hf push: {flag} {repo_id!r} is not a valid Hub repo id ({err})") from None
     token = args.token or os.environ.get("HF_TOKEN") or None
     common = dict(private=args.private or None, token=token, commit_message=args.commit_message,
                   create_pr=args.create_pr, revision=args.revision, dry_run=args.dry_run)

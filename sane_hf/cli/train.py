@@ -131,7 +131,14 @@ def _model_config_from_flags(args: argparse.Namespace, token_size: int, override
     from sane_hf.training import DEFAULT_PRESET, sane_config_preset
 
     if args.model_config is not None:
-        config = SaneConfig.from_json_file(str(args.model_config))
+        from huggingface_hub.errors import StrictDataclassError
+
+        if not Path(args.model_config).is_file():
+            raise FileNotFoundError(f"--model-config {args.model_config} is not a file (give a SaneConfig config.json)")
+        try:
+            config = SaneConfig.from_json_file(str(args.model_config))
+        except (ValueError, StrictDataclassError) as err:  # bad JSON, or a value of the wrong type
+            raise ValueError(f"--model-config {args.model_config}: {' '.join(str(err).split())}") from None
         for key, value in overrides.items():
             setattr(config, key, value)
     else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -291,6 +292,37 @@ def _resnet18(in_channels: int = 3, image_size: int = 32, num_classes: int = 10,
     return ResNet18(in_channels, num_classes, width, kw.get("activation", "relu"), kw.get("dropout", 0.0))
 
 
+_COMMON_ARGS = ("in_channels", "image_size", "num_classes", "activation", "dropout")
+
+
+def check_arch_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the argument when ``kwargs`` are not extra arguments of builder ``name``.
+
+    Accepted: the builder's own named parameters (e.g. ``width`` of ``resnet18``, ``hidden`` of
+    ``mlp``), with positive integers where the default is an integer or a tuple of integers.
+    """
+    import inspect
+
+    if name not in _REGISTRY:
+        return
+    params = {
+        p.name: p for p in inspect.signature(_REGISTRY[name]).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _COMMON_ARGS
+    }  # fmt: skip
+    for key, value in kwargs.items():
+        if key not in params:
+            raise ValueError(
+                f"architecture {name!r} takes no argument {key!r} (arch_kwargs); it accepts {sorted(params) or 'none'}"
+            )
+        default = params[key].default
+        ints = list(value) if isinstance(value, (list, tuple)) else [value]
+        wants_ints = isinstance(default, int) or (isinstance(default, tuple) and all(isinstance(d, int) for d in default))
+        if wants_ints and (isinstance(default, tuple) != isinstance(value, (list, tuple))
+                           or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints)):
+            want = "a list of positive integers" if isinstance(default, tuple) else "a positive integer"
+            raise ValueError(f"arch_kwargs[{key!r}] of {name!r} must be {want} (default {default!r}), got {value!r}")
+
+
 def create_model(
     name: str,
     *,
@@ -313,6 +345,7 @@ def create_model(
         raise ValueError(f"unknown architecture {name!r}; registered: {list_architectures()}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_arch_kwargs(name, kwargs)
     model = _REGISTRY[name](
         in_channels=in_channels, image_size=image_size, num_classes=num_classes,
         activation=activation, dropout=dropout, **kwargs,

@@ -245,6 +245,9 @@ class ZooConfig(JsonConfigMixin):
 
             if self.arch not in list_architectures():
                 raise ValueError(f"unknown architecture {self.arch!r}; registered: {list_architectures()}")
+            from sane_hf.zoo.architectures import check_arch_kwargs
+
+            check_arch_kwargs(self.arch, self.arch_kwargs)
             tasks = _list_tasks()
             if tasks is not None and self.task not in tasks:
                 raise ValueError(f"unknown task {self.task!r}; available: {tasks}")
