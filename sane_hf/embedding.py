@@ -521,7 +521,6 @@ def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-@torch.no_grad()
 def _check_positions_fit(config: Any, positions: torch.Tensor) -> None:
     """Raise when a model's positions ``(N, 3)`` exceed the layer/row tables of ``config.max_positions``."""
     limits = getattr(config, "max_positions", None)
@@ -537,6 +536,7 @@ def _check_positions_fit(config: Any, positions: torch.Tensor) -> None:
             )
 
 
+@torch.no_grad()
 def embed_models(
     model: Any,
     tokenizer: WeightTokenizer | None,

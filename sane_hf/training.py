@@ -239,7 +239,9 @@ class SaneTrainingConfig(JsonConfigMixin):
         metadata={"help": "Continue from the newest checkpoint in output_dir (exactly: same data order and RNG)."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Delete checkpoints and a final model already in output_dir first."}
+        default=False,
+        metadata={"help": "Delete checkpoints and a final model already in output_dir first; also allows writing "
+                          "into a non-empty folder that sane-hf did not make (otherwise refused)."},
     )
     tracker: Literal["tensorboard"] | None = field(
         default=None, metadata={"help": "Experiment tracker (Accelerate init_trackers): None or 'tensorboard'."}
@@ -1075,12 +1077,29 @@ def train_sane(
         torch.set_num_threads(cfg.num_threads)
     lock = contextlib.ExitStack()
     try:
-        if accelerator.is_main_process:  # one writer per run folder; the other processes of a launch follow
-            from sane_hf.serialization import folder_lock, read_owner_marker, write_owner_marker
+        from sane_hf.serialization import (
+            FolderLockedError,
+            folder_lock,
+            read_owner_marker,
+            write_owner_marker,
+        )
 
-            lock.enter_context(folder_lock(output_dir, "sane-hf train"))
-            if (read_owner_marker(output_dir) or {}).get("kind") != "train":
-                write_owner_marker(output_dir, "train")
+        locked_out: FolderLockedError | None = None
+        if accelerator.is_main_process:  # one writer per run folder; the other processes of a launch follow
+            try:
+                lock.enter_context(folder_lock(output_dir, "sane-hf train"))
+                if (read_owner_marker(output_dir) or {}).get("kind") != "train":
+                    write_owner_marker(output_dir, "train")
+            except FolderLockedError as err:
+                locked_out = err
+        if accelerator.num_processes > 1:  # every process stops, not only the main one
+            from accelerate.utils import broadcast
+
+            flag = torch.tensor([int(locked_out is not None)], device=accelerator.device)
+            if broadcast(flag, from_process=0).item() and locked_out is None:
+                raise FolderLockedError(f"{output_dir} is being written by another process (see the main process)")
+        if locked_out is not None:
+            raise locked_out
         if resume_from is not None and tokenizer is None and (resume_from / "weight_tokenizer.json").is_file():
             tokenizer = WeightTokenizer.from_pretrained(resume_from)  # the exact normalisation of the run
         return _train(

@@ -537,3 +537,50 @@ def test_train_sane_refuses_old_pickled_checkpoints(env, zoo_dir):
 
 def test_there_are_at_least_100_cases():
     assert len(CLI_CASES) + len(API_CASES) >= 100
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root may write into read-only folders")  # fmt: skip
+@pytest.mark.parametrize("command", ["zoo-build", "probe", "sample"])
+def test_read_only_out_is_one_line(env, tmp_path, capsys, command):
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    out = locked / "out"
+    argv = {"zoo-build": [*ZOO_BUILD, "--out", str(out)], "probe": _probe(env, out), "sample": _sample(env, out)}
+    try:
+        message = _cli(argv[command], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert "read-only" in message and str(locked) in message
+
+
+def test_float64_import_is_converted_with_a_message(tmp_path):
+    src = tmp_path / "f64"
+    src.mkdir()
+    for i in range(3):
+        save_file({k: v.double() for k, v in _cnn_sd(i).items()}, str(src / f"m{i}.safetensors"))
+    with pytest.warns(UserWarning, match=r"converted float64 weights to float32 in 3 checkpoint\(s\)"):
+        zoo = import_folder(src, tmp_path / "zoo", progress=False, cache_dir=str(tmp_path / "c"))
+    from sane_hf.zoo.dataset import state_dict_from_bytes
+
+    row = next(r for split in zoo.values() for r in split)
+    sd = state_dict_from_bytes(row["weights"])
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert torch.equal(sd["conv1.weight"], _cnn_sd(row["model_id"])["conv1.weight"])  # float32 -> 64 -> 32 is exact
+
+
+def test_zoo_build_removes_only_its_own_temp_folders(tmp_path):
+    from sane_hf.zoo.dataset import _TEMP_JOURNAL, build_zoo
+
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / ".sane-hf-owner.json").write_text('{"kind": "zoo"}\n')  # an earlier build of ours was killed...
+    (out / ".data-tmp-4242").mkdir()  # ...leaving its temp folder, listed in its journal
+    (out / _TEMP_JOURNAL).write_text('[".data-tmp-4242"]\n')
+    (out / ".data-tmp-777").mkdir()  # a folder with a look-alike name that no journal lists: not ours
+    (out / ".data-tmp-777" / "keep.txt").write_text("someone else's\n")
+    build_zoo(ZooConfig(num_models=2, epochs=0, train_subset=32, eval_subset=32), out, progress=False,
+              cache_dir=str(tmp_path / "c"))  # fmt: skip
+    assert not (out / ".data-tmp-4242").exists() and not (out / _TEMP_JOURNAL).exists()
+    assert (out / ".data-tmp-777" / "keep.txt").read_text() == "someone else's\n"
