@@ -266,6 +266,17 @@ def check_output_folder(
         )
 
 
+def remove_if_only_bookkeeping(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` when it holds nothing but the lock and owner files (a job that failed before writing)."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(p.name not in _BOOKKEEPING for p in folder.iterdir()):
+        return
+    for name in _BOOKKEEPING:
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def writes_folder(
     kind: str, locate: Callable[..., tuple[Path, bool, bool] | None]
 ) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
@@ -286,10 +297,16 @@ def writes_folder(
                 return fn(*args, **kwargs)
             folder, own, overwrite = where
             check_output_folder(folder, kind=kind, own=own, overwrite=overwrite)
-            with folder_lock(folder, f"sane-hf {kind}"):
-                if (read_owner_marker(folder) or {}).get("kind") != kind:
-                    write_owner_marker(folder, kind)
-                return fn(*args, **kwargs)
+            existed = folder.exists()
+            try:
+                with folder_lock(folder, f"sane-hf {kind}"):
+                    if (read_owner_marker(folder) or {}).get("kind") != kind:
+                        write_owner_marker(folder, kind)
+                    return fn(*args, **kwargs)
+            except BaseException:
+                if not existed:
+                    remove_if_only_bookkeeping(folder)
+                raise
 
         return wrapper
 

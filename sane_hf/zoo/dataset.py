@@ -62,6 +62,7 @@ from sane_hf.serialization import (
     check_output_folder,
     folder_lock,
     read_owner_marker,
+    remove_if_only_bookkeeping,
     write_owner_marker,
 )
 
@@ -1378,10 +1379,16 @@ def _writes_zoo(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
                 return fn(*args, **kwargs)
             own = (out_dir / _CONFIG_FILE).is_file() or (out_dir / _PARTIAL).is_dir()
             check_output_folder(out_dir, kind="zoo", own=own, overwrite=bool(bound.arguments.get("overwrite")))
-            with folder_lock(out_dir, what):
-                if (read_owner_marker(out_dir) or {}).get("kind") != "zoo":
-                    write_owner_marker(out_dir, "zoo")
-                return fn(*args, **kwargs)
+            existed = out_dir.exists()
+            try:
+                with folder_lock(out_dir, what):
+                    if (read_owner_marker(out_dir) or {}).get("kind") != "zoo":
+                        write_owner_marker(out_dir, "zoo")
+                    return fn(*args, **kwargs)
+            except BaseException:
+                if not existed:  # failed before writing anything: leave no empty folder behind
+                    remove_if_only_bookkeeping(out_dir)
+                raise
 
         return wrapper
 
