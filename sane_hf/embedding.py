@@ -521,21 +521,6 @@ def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _check_positions_fit(config: Any, positions: torch.Tensor) -> None:
-    """Raise when a model's positions ``(N, 3)`` exceed the layer/row tables of ``config.max_positions``."""
-    limits = getattr(config, "max_positions", None)
-    if limits is None or positions.numel() == 0:
-        return
-    highs = positions.amax(dim=0).tolist()
-    for axis, name in ((1, "layer"), (2, "row")):
-        if highs[axis] >= int(limits[axis]):
-            raise ValueError(
-                f"the model to embed has {name} index {highs[axis]} but this SANE's position table holds "
-                f"{int(limits[axis])} {name}s (max_positions[{axis}]); it cannot embed this architecture — use a "
-                f"SANE trained with max_positions[{axis}] > {highs[axis]}"
-            )
-
-
 @torch.no_grad()
 def embed_models(
     model: Any,
@@ -634,8 +619,6 @@ def embed_models(
     try:
         with tqdm(total=total, desc="embedding", unit="model", disable=not progress) as bar:
             for group in _groups(reader.items(inputs), models_per_group):
-                for item in group:  # the whole model against the position tables, before any window is encoded
-                    _check_positions_fit(model.config, item.positions)
                 latents = _encode_group(model, group, window, halo, batch_size, device, dtype)  # (g, N, latent)
                 token_mask = torch.stack([item.token_mask for item in group]).to(latents.device)  # (g, N)
                 layer_ids = group[0].positions[:, 1]  # (N,) one architecture per group

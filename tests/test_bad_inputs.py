@@ -398,7 +398,7 @@ def _bad_tokens(e, value: float):
 def _embed_beyond_tables(e):
     from sane_hf.embedding import embed_models
 
-    model = SaneModel(_tiny_sane_config(max_positions=(1000, 3, 64)))  # cnn-s has 5 layers
+    model = SaneModel(_tiny_sane_config(max_positions=(1000, 3, 64), position_encoding="learned-tables"))  # 5 layers
     calls = []
     model.encode = lambda *a, **k: calls.append(1)  # noqa: ARG005 - would record a window being encoded
     try:
@@ -463,7 +463,7 @@ API_CASES = [
     ("decode-inf-tokens", lambda e, t: (lambda tk: tk[0].decode_batch(tk[1].tokens[None]))(_bad_tokens(e, math.inf)),
      ValueError, r"decode_batch\[0\].*'conv1\.weight'"),
     ("embed-beyond-position-tables", lambda e, t: _embed_beyond_tables(e), ValueError,
-     r"layer index 4 but this SANE's position table holds 3 layers"),
+     r"cannot be embedded with this SANE model: Position index 4 on axis l"),
     # -- architectures and zoo configs ----------------------------------------------------------
     ("arch-kwargs-unknown", lambda e, t: create_model("cnn-s", bogus=1), ValueError, r"no argument 'bogus'"),
     ("arch-kwargs-negative-width", lambda e, t: create_model("resnet18", width=-3), ValueError,
