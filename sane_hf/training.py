@@ -149,7 +149,7 @@ def sane_config_preset(
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     kwargs = {**PRESETS[name], "token_size": int(token_size)}
-    if num_tokens is not None and "window_size" not in overrides and kwargs.get("window_size", 64) >= num_tokens:
+    if num_tokens is not None and "window_size" not in overrides and kwargs.get("window_size", 64) > num_tokens:
         kwargs["window_size"] = int(num_tokens)
         kwargs["halo_size"] = 0
     return SaneConfig(**{**kwargs, **overrides})

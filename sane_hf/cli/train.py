@@ -142,9 +142,18 @@ def _model_config_from_flags(args: argparse.Namespace, token_size: int, override
         for key, value in overrides.items():
             setattr(config, key, value)
     else:
-        config = sane_config_preset(args.preset or DEFAULT_PRESET, token_size, **overrides)
-        if args.window_size is None:
-            _fit_preset_window(config, args, token_size)
+        preset = args.preset or DEFAULT_PRESET
+        config = sane_config_preset(preset, token_size, **overrides)
+        num_tokens = _zoo_num_tokens(args, token_size) if args.window_size is None else None
+        if num_tokens is not None and config.window_size > num_tokens:
+            # only a preset's window shrinks (an explicit --window-size that is too long stays an error)
+            print(
+                f"sane-hf train: the zoo's models are {num_tokens} tokens long, shorter than the {preset!r} preset's "
+                f"window ({config.window_size}); training on whole-model windows (window_size={num_tokens}, "
+                "halo_size=0). Pass --window-size to choose another."
+            )
+            whole = {k: v for k, v in overrides.items() if k != "halo_size"}  # a whole-model window needs no halo
+            config = sane_config_preset(preset, token_size, num_tokens=num_tokens, **whole)
     return config
 
 
@@ -163,26 +172,6 @@ def _zoo_num_tokens(args: argparse.Namespace, token_size: int) -> int | None:
         return WeightTokenizer.from_reference(state_dict_from_bytes(row["weights"]), token_size=token_size).num_tokens
     except Exception:  # noqa: BLE001 - train_sane validates the zoo and reports what is wrong
         return None
-
-
-def _fit_preset_window(config: Any, args: argparse.Namespace, token_size: int) -> None:
-    """Shrink a preset's window to the zoo's sequence length when the models are shorter than it.
-
-    Only for preset windows: an explicit ``--window-size`` that is too long stays an error.
-    """
-    num_tokens = _zoo_num_tokens(args, token_size)
-    if num_tokens is None or config.window_size <= num_tokens:
-        return
-    from sane_hf.training import DEFAULT_PRESET
-
-    print(
-        f"sane-hf train: the zoo's models are {num_tokens} tokens long, shorter than the "
-        f"{args.preset or DEFAULT_PRESET!r} preset's "
-        f"window ({config.window_size}); training on whole-model windows (window_size={num_tokens}, halo_size=0). "
-        "Pass --window-size to choose another."
-    )
-    config.halo_size = 0
-    config.window_size = num_tokens
 
 
 def format_summary(output_dir: Path) -> str:
