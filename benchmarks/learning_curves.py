@@ -33,7 +33,6 @@ import argparse
 import fnmatch
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -225,13 +224,6 @@ def run_row(row: Row, work: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def _ms(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -247,6 +239,8 @@ def collect(work: Path) -> dict[str, Any]:
         f = work / "rows" / f"{row.name.replace('/', '_')}.json"
         if f.exists():
             done[row.name] = json.loads(f.read_text())
+    from quality import machine  # benchmarks/ is on sys.path when this file runs as a script
+
     return {"machine": machine(), "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": done}
 
 

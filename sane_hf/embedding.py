@@ -469,7 +469,7 @@ def _encode_group(
         x = torch.stack([group[m].tokens[cs:ce] for m, (cs, ce, _, _) in chunk])  # (B, L, d)
         pos = torch.stack([group[m].positions[cs:ce] for m, (cs, ce, _, _) in chunk])  # (B, L, 3)
         attn = torch.stack([group[m].token_mask[cs:ce] for m, (cs, ce, _, _) in chunk])  # (B, L)
-        attn = None if bool(attn.all()) else attn.to(device)  # the tokenizer never pads a whole token
+        attn = attn.to(device)  # (B, L); the model drops it when every token is real
         out = model.encode(x.to(device=device, dtype=dtype), pos.to(device), attention_mask=attn).latents  # (B, L, latent)
         if latents is None:
             latents = torch.empty(len(group), num_tokens, out.shape[-1], dtype=torch.float32, device=device)
