@@ -28,29 +28,11 @@ body, its ``configs``/``dataset_info`` and the zoo's JSON files arrive byte for 
 alternative, ``DatasetDict.push_to_hub``, re-writes every shard, generates its own card metadata and
 does not carry ``zoo_config.json``, which ``load_zoo_config``, the trainer and the sampler read.)
 
-Files read from a model folder
-------------------------------
-The model card (:func:`render_model_card`) reports only numbers found in these files; a section
-whose file is missing says "not measured".
-
-===============================  ===============================================================
-``config.json``                  the :class:`~sane_hf.configuration_sane.SaneConfig`
-``weight_tokenizer.json``        the :class:`~sane_hf.tokenization_sane.WeightTokenizer`
-``zoo_config.json``              the training zoo's :class:`~sane_hf.zoo.dataset.ZooConfig` (``train_sane`` copies it)
-``training_config.json``         the :class:`~sane_hf.training.SaneTrainingConfig`
-``metrics.json``                 training measurements written by ``train_sane``: ``steps``, ``epochs``,
-                                 ``train_loss``, ``initial_val_loss``, ``val_loss``, ``val_reconstruction_loss``,
-                                 ``val_reconstruction_r2``, ``train_seconds``, ``tokens_per_second``, ...
-``probe_metrics.json``           the ``metrics.json`` of ``sane-hf probe`` (``{"metrics": {property: {method:
-                                 value}}, "metric_names": {property: "r2" | "accuracy"}, "notes": [...]}``);
-                                 ``probe/metrics.json`` (where ``sane-hf probe`` writes by default) is used
-                                 when ``probe_metrics.json`` is absent
-``sampling_metrics.json``        the ``metrics.json`` of ``sane-hf sample`` (``sampling/metrics.json`` is used
-                                 when it is absent)
-===============================  ===============================================================
-
-In a staged (pushed) folder the probe and sampling files always sit at the top level under the
-names ``probe_metrics.json`` and ``sampling_metrics.json``.
+Model cards
+-----------
+The card (``README.md``) is rendered by :func:`sane_hf.cards.render_model_card` from the files of
+the folder; in a staged (pushed) folder the probe and sampling measurements always sit at the top
+level under the names ``probe_metrics.json`` and ``sampling_metrics.json``.
 
 Offline use
 -----------
@@ -68,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -78,34 +59,26 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sane_hf.verdicts import METHOD_NAMES as _METHOD_NAMES  # one set of names for every output
-from sane_hf.verdicts import (
-    degenerate_baselines,
-    degenerate_groups,
-    group_name,
-    method_name,
-    overall_verdict,
-    probe_verdicts,
-    property_name,
-    readable_note,
-    sampling_verdicts,
+from sane_hf.cards.model_card import render_model_card, write_model_card
+from sane_hf.constants import (
+    CARD_FILE,
+    PARTIAL_DIR,
+    PROBE_METRICS_FILE,
+    SAMPLING_METRICS_FILE,
+    TOKENIZER_FILE,
+    TRAINING_CONFIG_FILE,
+    TRAINING_METRICS_FILE,
+    ZOO_CONFIG_FILE,
+    ZOO_SUMMARY_FILE,
+    find_metrics_file,
 )
+from sane_hf.serialization import flatten_json, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from huggingface_hub import CommitInfo, ModelCard
+    from huggingface_hub import CommitInfo
 
 __all__ = [
-    "CARD_FILE",
-    "TRAINING_METRICS_FILE",
-    "PROBE_METRICS_FILE",
-    "SAMPLING_METRICS_FILE",
-    "ZOO_CONFIG_FILE",
-    "TRAINING_CONFIG_FILE",
-    "MODEL_CARD_TAGS",
     "PushResult",
-    "model_card_template_path",
-    "render_model_card",
-    "write_model_card",
     "save_model_folder",
     "PIPELINE_TASKS",
     "prepare_model_folder",
@@ -118,34 +91,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
-TRAINING_METRICS_FILE = "metrics.json"
-PROBE_METRICS_FILE = "probe_metrics.json"
-SAMPLING_METRICS_FILE = "sampling_metrics.json"
-ZOO_CONFIG_FILE = "zoo_config.json"
-TRAINING_CONFIG_FILE = "training_config.json"
-TOKENIZER_FILE = "weight_tokenizer.json"
-#: Where the CLIs write by default inside a model folder; read when the flat name is absent.
-_FALLBACK_FILES = {PROBE_METRICS_FILE: "probe/metrics.json", SAMPLING_METRICS_FILE: "sampling/metrics.json"}
 #: Copied from the model folder into the staged repo when present (besides what save_sane_pipeline writes).
 _EXTRA_FILES = (TRAINING_METRICS_FILE, PROBE_METRICS_FILE, SAMPLING_METRICS_FILE, ZOO_CONFIG_FILE, TRAINING_CONFIG_FILE)
-
-MODEL_CARD_TAGS = ("weight-space-learning", "sane", "model-zoo", "sane-hf")
-# The card's library is `transformers`: the checkpoint is a transformers PreTrainedModel with remote
-# code (config.json carries auto_map), so the Hub's "Use this model" snippet (AutoModel,
-# trust_remote_code=True) and its download counter (config.json fetches) work as for any
-# transformers model. "sane-hf" is not a library the Hub knows (no snippet, no counting); it goes
-# into the tags instead.
-LIBRARY_NAME = "transformers"
-LICENSE = "apache-2.0"  # the license of sane-hf, under which the code files in the repo are shared
 SAMPLING_PIPELINE_TASK = "weight-sampling"
 EMBEDDING_PIPELINE_TASK = "weight-embedding"
 #: The pipelines every saved model folder registers in ``config.json`` (``custom_pipelines``).
 PIPELINE_TASKS = (SAMPLING_PIPELINE_TASK, EMBEDDING_PIPELINE_TASK)
-NOT_MEASURED = "not measured"
 
 _REQUIRED_AUTO = ("AutoConfig", "AutoModel")
-_TEMPLATE_NAME = "model_card.md"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,49 +138,6 @@ class PushResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any | None:
-    """The parsed JSON at ``path``, or None when the file is missing; a clear error when it is broken."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def _metrics_file(folder: Path, name: str) -> Path | None:
-    """``folder/name``, or the CLI's default location of that file, or None."""
-    for candidate in (name, _FALLBACK_FILES.get(name)):
-        if candidate and (folder / candidate).is_file():
-            return folder / candidate
-    return None
-
-
-def _fmt(value: Any) -> str:
-    """A number for a Markdown table: None → "not measured", floats to 4 significant digits."""
-    if value is None:
-        return NOT_MEASURED
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
-            return f"{value:.4g}"
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value) if value else "–"
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _relative_files(folder: Path) -> list[str]:
     """Every regular file under ``folder`` as a POSIX path relative to it, hidden paths excluded."""
     out = []
@@ -251,7 +161,7 @@ def _warn_local_paths(folder: Path, files: Iterable[str]) -> None:
             data = json.loads((folder / rel).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for key, value in _flatten(data):
+        for key, value in flatten_json(data):
             if isinstance(value, str) and len(value) > 1 and (value.startswith("/") or value[1:3] == ":\\"):
                 logger.warning("%s records the local path %s = %r; it will be public in the repo", rel, key, value)
 
@@ -260,403 +170,6 @@ def _hf_api(token: str | None):
     from huggingface_hub import HfApi
 
     return HfApi(token=token or None)  # None: HF_TOKEN or the stored login, resolved by huggingface_hub
-
-
-# ----------------------------------------------------------------------------------------------
-# model card
-# ----------------------------------------------------------------------------------------------
-
-
-def model_card_template_path() -> Path:
-    """The packaged model-card template (a copy of ``model_card.md`` at the repository root)."""
-    return Path(__file__).resolve().parent / "templates" / _TEMPLATE_NAME
-
-
-_TRAINING_ROWS = (
-    ("steps", "optimizer steps"),
-    ("epochs", "passes over the training windows"),
-    ("train_loss", "final training loss (last logged)"),
-    ("initial_val_loss", "validation loss before training"),
-    ("val_loss", "final validation loss, γ·NT-Xent + (1−γ)·MSE"),
-    ("val_reconstruction_loss", "final validation reconstruction MSE (normalised tokens, real values)"),
-    ("val_reconstruction_r2", "reconstruction R² on validation windows (real values)"),
-    ("train_checkpoints", "zoo checkpoints trained on"),
-    ("num_tokens_per_checkpoint", "tokens per checkpoint"),
-    ("window_size", "tokens per training window"),
-    ("permutation_views", "permutation augmentation"),
-    ("tokens_per_second", "training throughput (tokens/s)"),
-    ("train_seconds", "training time (s)"),
-    ("num_processes", "processes"),
-)
-
-
-
-def _training_results(metrics: Mapping[str, Any] | None) -> str:
-    if metrics is None:
-        return (
-            f"Not measured: the folder holds no `{TRAINING_METRICS_FILE}` (written by `sane-hf train` / "
-            "`train_sane` at the end of a run)."
-        )
-    rows = [(f"`{key}`", meaning, _fmt(metrics.get(key))) for key, meaning in _TRAINING_ROWS]
-    return _table(("metric", "meaning", "value"), rows)
-
-
-def _probe_results(probe: Mapping[str, Any] | None) -> str:
-    if probe is None:
-        return (
-            f"Not measured: the folder holds no `{PROBE_METRICS_FILE}` (the `metrics.json` of "
-            "`sane-hf probe --model <folder> --zoo <zoo>`, which writes it to `<folder>/probe/metrics.json`)."
-        )
-    table = probe.get("metrics", probe)  # the probe CLI's file, or a bare {property: {method: value}}
-    if not isinstance(table, Mapping) or not table or not all(isinstance(v, Mapping) for v in table.values()):
-        return f"Not measured: `{PROBE_METRICS_FILE}` holds no `metrics` table of property × method."
-    names = probe.get("metric_names", {}) if isinstance(probe.get("metric_names"), Mapping) else {}
-    # the protocol always sets SANE beside both baselines: a method that did not run shows "not measured"
-    methods = list(_METHOD_NAMES) + sorted({m for row in table.values() for m in row} - set(_METHOD_NAMES))
-    rows = []
-    for prop, row in table.items():
-        metric = names.get(prop, "")
-        metric = {"r2": "R²", "accuracy": "accuracy"}.get(metric, metric)
-        rows.append((f"{property_name(prop)} (`{prop}`)", metric, *(_fmt(row.get(m)) for m in methods)))
-    text = [
-        "Test-split score of a linear probe per property (R² for continuous properties, accuracy for "
-        "categorical ones), fitted on SANE embeddings and on the two baselines of the same split:",
-        "",
-        _table(("property", "metric", *(method_name(m) for m in methods)), rows),
-    ]
-    info = probe.get("info") if isinstance(probe.get("info"), Mapping) else {}
-    sizes = {k: v for k, v in info.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    if sizes:
-        text += ["", "Setup: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in sizes.items()) + "."]
-    notes = probe.get("notes") or []
-    if notes:
-        text += ["", "Notes:", ""] + [f"- {readable_note(n)}" for n in notes]
-    return "\n".join(text)
-
-
-def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Scalar leaves of nested dicts as ``(dotted.key, value)``; lists of scalars kept whole, others skipped."""
-    out: list[tuple[str, Any]] = []
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(data, (int, float, str, bool)) or data is None:
-        out.append((prefix, data))
-    elif isinstance(data, (list, tuple)) and len(data) <= 8 and all(isinstance(v, (int, float)) for v in data):
-        out.append((prefix, list(data)))
-    return out
-
-
-_SAMPLING_ROWS_SHOWN = 60
-
-
-def _mean_std(summary: Any) -> str:
-    """``mean ± std (n=…)`` of an evaluation summary ``{"mean", "std", "n"}``; "not measured" when empty."""
-    if not isinstance(summary, Mapping) or summary.get("mean") is None:
-        return NOT_MEASURED
-    text = _fmt(float(summary["mean"]))
-    if summary.get("std") is not None and summary.get("n", 0) > 1:
-        text += f" ± {_fmt(float(summary['std']))}"
-    return text + (f" (n={summary['n']})" if summary.get("n") is not None else "")
-
-
-def _curve_table(
-    curves: Mapping[str, Any], gain: Mapping[str, Any] | None = None, degenerate: Sequence[str] = ()
-) -> str:
-    """Group × fine-tuning epoch table of accuracy summaries (``{group: {epoch: summary}}``)."""
-    epochs = sorted({e for c in curves.values() if isinstance(c, Mapping) for e in c}, key=lambda e: float(e))
-    rows = [
-        (group_name(g) + (" ⚠ degenerate" if g in degenerate else ""),
-         *(_mean_std(c.get(e)) for e in epochs))
-        for g, c in curves.items() if isinstance(c, Mapping)
-    ]
-    if gain:
-        rows.append(("**gain of samples over random init**", *(_fmt(gain.get(e)) for e in epochs)))
-    return _table(("test accuracy after fine-tuning epochs →", *(str(e) for e in epochs)), rows)
-
-
-def _degenerate_groups(m: Mapping[str, Any]) -> list[str]:
-    """Sampling groups whose baseline degenerated (see :func:`sane_hf.verdicts.degenerate_groups`)."""
-    return list(degenerate_groups(m))
-
-
-def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
-    """The metrics of ``sane-hf sample --evaluate`` (:func:`sane_hf.evaluation.evaluate_sampling`)."""
-    prompts = m.get("prompts") or {}
-    sampling = m.get("sampling") or {}
-    accs = [a for a in prompts.get("test_acc") or [] if isinstance(a, (int, float))]
-    text = [
-        f"Task `{m.get('task')}`, architecture `{m.get('arch')}`, activation `{m.get('activation')}`; "
-        f"{len(accs)} prompt models from the test split at epoch {prompts.get('epoch')} "
-        f"(test accuracy mean {_fmt(sum(accs) / len(accs)) if accs else NOT_MEASURED}); "
-        f"{len(sampling.get('scores') or [])} samples, mode `{sampling.get('mode')}`, "
-        f"bandwidth {_fmt(sampling.get('bandwidth'))}, score `{sampling.get('score')}`.",
-        "",
-        "Test accuracy, mean ± std over models, without fine-tuning (epoch 0) and after fine-tuning "
-        "(every group with the same recipe):",
-        "",
-        _curve_table(m["accuracy"], m.get("gain_over_random_init"), _degenerate_groups(m)),
-    ]
-    novelty = m.get("novelty")
-    if isinstance(novelty, Mapping):
-        rows = []
-        for group in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
-            entry = novelty.get(group)
-            if isinstance(entry, Mapping):
-                name = group_name(group) + (" ⚠ degenerate" if group in _degenerate_groups(m) else "")
-                rows.append((name, _mean_std(entry.get("nearest_distance")),
-                             _mean_std(entry.get("agreement")), _mean_std(entry.get("prompt_distance"))))
-        text += [
-            "",
-            f"Novelty: L2 distance to the nearest of {novelty.get('num_neighbours', '?')} training-zoo checkpoints "
-            "after permutation alignment, and the fraction of test inputs on which a model predicts the same "
-            "class as that checkpoint (near 1 with a small distance = a copy):",
-            "",
-            _table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
-                   rows),
-        ]
-    text += ["", *[f"> **Warning:** {w}" for w in degenerate_baselines(m)]] if degenerate_baselines(m) else []
-    transfer = m.get("transfer")
-    if isinstance(transfer, Mapping) and isinstance(transfer.get("accuracy"), Mapping):
-        fallback = (" — **fallback stand-in: the zoo's own task with permuted labels**, not a new task"
-                    if transfer.get("fallback") else "")
-        text += [
-            "",
-            f"Transfer to `{transfer.get('task')}` ({transfer.get('description', '')}{fallback}), head reset, "
-            f"fine-tuned {transfer.get('epochs')} epoch(s); gain of samples over random init "
-            f"{_fmt(transfer.get('gain_over_random_init'))}:",
-            "",
-            _curve_table(transfer["accuracy"]),
-        ]
-    else:
-        text += ["", "Transfer to a new task: not measured."]
-    return text
-
-
-def _sampling_samples(m: Mapping[str, Any]) -> list[str]:
-    """The metrics of ``sane-hf sample`` without ``--evaluate``: one row per sample."""
-    rows = [(f"`{r.get('file', i)}`", _fmt(r.get("score")), _fmt(r.get("test_acc")), _fmt(r.get("anchor_model_id")))
-            for i, r in enumerate(m["samples"]) if isinstance(r, Mapping)]
-    accs = [a for a in (m.get("prompts") or {}).get("test_acc") or [] if isinstance(a, (int, float))]
-    return [
-        f"Samples for task `{m.get('task')}` (architecture `{m.get('arch')}`), test accuracy without fine-tuning; "
-        f"prompt models' test accuracy mean {_fmt(sum(accs) / len(accs)) if accs else NOT_MEASURED}:",
-        "",
-        _table(("sample", "score", "test accuracy", "anchor prompt model"), rows),
-        "",
-        "Fine-tuning curves, baselines, novelty and transfer: not measured (`sane-hf sample --evaluate`).",
-    ]
-
-
-def _sampling_results(sampling: Mapping[str, Any] | None) -> str:
-    if sampling is None:
-        return (
-            f"Not measured: the folder holds no `{SAMPLING_METRICS_FILE}` (the `metrics.json` of "
-            "`sane-hf sample --evaluate --model <folder> --zoo <zoo> --out <dir>`, copied here under that name)."
-        )
-    if isinstance(sampling.get("accuracy"), Mapping):
-        return "\n".join(_sampling_evaluation(sampling))
-    if isinstance(sampling.get("samples"), list) and sampling["samples"]:
-        return "\n".join(_sampling_samples(sampling))
-    # an unknown layout: every number as recorded, nothing derived
-    rows = [(f"`{k}`", _fmt(v)) for k, v in _flatten(sampling) if k]
-    if not rows:
-        return f"Not measured: `{SAMPLING_METRICS_FILE}` holds no numbers."
-    shown = rows[:_SAMPLING_ROWS_SHOWN]
-    text = ["Every number of the sampling evaluation, as recorded:", "", _table(("quantity", "value"), shown)]
-    if len(rows) > len(shown):
-        text += ["", f"({len(rows) - len(shown)} more in `{SAMPLING_METRICS_FILE}`.)"]
-    return "\n".join(text)
-
-
-def _zoo_section(zoo: Mapping[str, Any] | None, dataset_repo_id: str | None) -> str:
-    link = (
-        f"The zoo is published as the dataset [`{dataset_repo_id}`](https://huggingface.co/datasets/{dataset_repo_id}).\n\n"
-        if dataset_repo_id
-        else ""
-    )
-    if zoo is None:
-        return link + f"Not recorded: the folder holds no `{ZOO_CONFIG_FILE}`."
-    epochs = zoo.get("checkpoint_epochs")
-    if epochs is None and isinstance(zoo.get("epochs"), int):
-        epochs = list(range(zoo["epochs"] + 1))
-    source = zoo.get("source", "build")
-    rows = [
-        ("task", f"`{zoo.get('task')}`" if zoo.get("task") else NOT_MEASURED),
-        ("architecture", f"`{zoo.get('arch')}`" if zoo.get("arch") else NOT_MEASURED),
-        ("models", _fmt(zoo.get("num_models"))),
-        ("training epochs per model", _fmt(zoo.get("epochs"))),
-        ("stored checkpoint epochs", _fmt(epochs)),
-        ("image size", _fmt(zoo.get("image_size"))),
-        ("training images", "all" if zoo.get("train_subset") is None else _fmt(zoo.get("train_subset"))),
-        ("split fractions (train/val/test, by model)", _fmt(zoo.get("split_fractions"))),
-        ("grid seed", _fmt(zoo.get("seed"))),
-        ("permutation-aligned", _fmt(zoo.get("align"))),
-        ("made by", "`sane-hf zoo build`" if source == "build" else f"`{source}`"),
-    ]
-    if zoo.get("grid"):
-        rows.append(("grid arguments", f"`{json.dumps(zoo['grid'], sort_keys=True)}`"))
-    return link + f"From `{ZOO_CONFIG_FILE}`:\n\n" + _table(("", ""), rows)
-
-
-def _model_section(folder: Path, config: Mapping[str, Any] | None) -> str:
-    if config is None:
-        return "Not recorded: the folder holds no `config.json`."
-    keys = ("token_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "mlp_ratio",
-            "latent_dim", "projection_dim", "window_size", "halo_size", "gamma", "temperature", "dropout")
-    rows = [(f"`{k}`", _fmt(config.get(k))) for k in keys if k in config]
-    num_params = _count_parameters(folder)
-    if num_params is not None:
-        rows.append(("parameters", _fmt(num_params)))
-    text = ["SANE transformer autoencoder (`SaneConfig`, from `config.json`):", "", _table(("", ""), rows)]
-    tokenizer = _tokenizer_summary(folder)
-    if tokenizer:
-        text += ["", tokenizer]
-    return "\n".join(text)
-
-
-def _count_parameters(folder: Path) -> int | None:
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            total += math.prod(f.get_slice(key).get_shape())
-    return total
-
-
-def _tokenizer_summary(folder: Path) -> str | None:
-    if not (folder / TOKENIZER_FILE).is_file():
-        return None
-    from sane_hf.tokenization_sane import WeightTokenizer
-
-    tok = WeightTokenizer.from_pretrained(folder)
-    values = sum(layer.num_values for layer in tok.layers)
-    fitted = "fitted on the zoo's training split" if tok.is_fitted else "not fitted (raw weights)"
-    return (
-        f"Tokenizer (`{TOKENIZER_FILE}`): {len(tok.layers)} tokenized layers, {values:,} weights per network "
-        f"→ {tok.num_tokens:,} tokens of {tok.token_size} values; per-layer normalisation {fitted}."
-    )
-
-
-def _training_section(training: Mapping[str, Any] | None) -> str:
-    if training is None:
-        return f"Not recorded: the folder holds no `{TRAINING_CONFIG_FILE}`."
-    keys = ("learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "num_epochs", "max_steps", "batch_size",
-            "gradient_accumulation_steps", "mixed_precision", "noise_std", "erase_prob", "permutation",
-            "windows_per_sample", "max_grad_norm", "seed")
-    rows = [(f"`{k}`", _fmt(training.get(k)) if training.get(k) is not None else "–") for k in keys if k in training]
-    return f"`SaneTrainingConfig` (from `{TRAINING_CONFIG_FILE}`):\n\n" + _table(("", ""), rows)
-
-
-def render_model_card(
-    folder: str | os.PathLike,
-    repo_id: str | None = None,
-    *,
-    dataset_repo_id: str | None = None,
-    template_path: str | os.PathLike | None = None,
-    model_name: str | None = None,
-) -> ModelCard:
-    """The model card of a SANE model folder, filled with that checkpoint's own measurements.
-
-    Reads the files listed at the top of this module (config, tokenizer, zoo and training configs,
-    training/probe/sampling metrics); a results section whose file is missing says "not measured".
-    The YAML metadata: ``library_name: transformers`` (see ``LIBRARY_NAME``), ``license``,
-    ``tags`` (:data:`MODEL_CARD_TAGS`), ``datasets`` (``dataset_repo_id`` when given) and the
-    ``metrics`` that were measured.
-
-    Args:
-        folder: a model folder (``sane-hf train`` output, or a folder staged by :func:`prepare_model_folder`).
-        repo_id: the Hub id the card is for (used in the usage snippets); None = a placeholder.
-        dataset_repo_id: the Hub id of the training zoo, linked from the card and its metadata.
-        template_path: a Jinja2 Markdown template; default: :func:`model_card_template_path`.
-        model_name: the card's title; default: the repo's name, else the folder's name.
-
-    Returns:
-        a ``huggingface_hub.ModelCard`` (``card.save(path)``, ``card.data``, ``card.text``).
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    folder = Path(folder)
-    config = _read_json(folder / "config.json")
-    zoo = _read_json(folder / ZOO_CONFIG_FILE)
-    training = _read_json(folder / TRAINING_CONFIG_FILE)
-    metrics = _read_json(folder / TRAINING_METRICS_FILE)
-    probe_path = _metrics_file(folder, PROBE_METRICS_FILE)
-    sampling_path = _metrics_file(folder, SAMPLING_METRICS_FILE)
-    probe = _read_json(probe_path) if probe_path else None
-    sampling = _read_json(sampling_path) if sampling_path else None
-
-    measured: list[str] = []
-    if metrics is not None:
-        measured += ["mse", "r_squared"]
-    if probe is not None:
-        names = set((probe.get("metric_names") or {}).values()) if isinstance(probe, Mapping) else set()
-        measured += ["r_squared"] + (["accuracy"] if "accuracy" in names else [])
-    if sampling is not None:
-        measured.append("accuracy")
-    measured = list(dict.fromkeys(measured))
-
-    name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
-    card_data = ModelCardData(
-        library_name=LIBRARY_NAME,
-        license=LICENSE,
-        tags=list(MODEL_CARD_TAGS),
-        datasets=[dataset_repo_id] if dataset_repo_id else None,
-        metrics=measured or None,
-        model_name=name,
-    )
-    zoo = zoo if isinstance(zoo, Mapping) else None
-    template = Path(template_path) if template_path is not None else model_card_template_path()
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=name,
-        repo_id=repo_id or "path/to/this/repo",
-        local_name=name,
-        zoo_arch=(zoo or {}).get("arch", "unknown"),
-        zoo_task=(zoo or {}).get("task", "unknown"),
-        zoo_section=_zoo_section(zoo, dataset_repo_id),
-        model_section=_model_section(folder, config),
-        training_section=_training_section(training),
-        training_results=_training_results(metrics),
-        probe_results=_probe_results(probe),
-        sampling_results=_sampling_results(sampling),
-        verdicts=_verdicts(probe, sampling),
-    )
-
-
-def _verdicts(probe: Mapping[str, Any] | None, sampling: Mapping[str, Any] | None) -> str:
-    """The verdict lines of the card (:mod:`sane_hf.verdicts`), derived from the probe and sampling metrics."""
-    probe = probe if isinstance(probe, Mapping) else None
-    sampling = sampling if isinstance(sampling, Mapping) else None
-    lines = []
-    if probe is not None:
-        table = probe.get("metrics", probe)
-        lines += probe_verdicts(table if isinstance(table, Mapping) else {}, probe.get("metric_names") or {})
-    if sampling is not None and isinstance(sampling.get("accuracy"), Mapping):
-        lines += sampling_verdicts(sampling)
-    overall = overall_verdict(probe, sampling)
-    if not lines and overall is None:
-        return (
-            "Not measured: no property-prediction or sampling evaluation in this folder yet "
-            "(`sane-hf probe` and `sane-hf sample --evaluate` add them)."
-        )
-    return "\n".join(([f"**{overall}**", ""] if overall else []) + [f"- {line}" for line in lines])
-
-
-def write_model_card(
-    folder: str | os.PathLike, *, model_name: str | None = None, repo_id: str | None = None,
-    dataset_repo_id: str | None = None,
-) -> Path:
-    """Render :func:`render_model_card` for ``folder`` and save it as ``folder/README.md``; returns the path."""
-    folder = Path(folder)
-    path = folder / CARD_FILE
-    render_model_card(folder, repo_id, dataset_repo_id=dataset_repo_id, model_name=model_name).save(path)
-    return path
 
 
 def save_model_folder(
@@ -716,10 +229,10 @@ def check_model_folder(folder: str | os.PathLike, *, require_card: bool = True) 
 
     folder = Path(folder)
     problems: list[str] = []
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if config is None:
         return [f"{folder} holds no config.json"]
-    required = ["weight_tokenizer.json"] + ([CARD_FILE] if require_card else [])
+    required = [TOKENIZER_FILE] + ([CARD_FILE] if require_card else [])
     if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
         problems.append("no model.safetensors (or model.safetensors.index.json)")
     problems += [f"no {name}" for name in required if not (folder / name).is_file()]
@@ -769,7 +282,7 @@ def prepare_model_folder(
     Args:
         folder: the model folder (``config.json``, ``model.safetensors``, ``weight_tokenizer.json``).
         out_dir: the staging folder; must not exist or be empty.
-        repo_id, dataset_repo_id: passed to :func:`render_model_card`.
+        repo_id, dataset_repo_id: passed to :func:`sane_hf.cards.render_model_card`.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -797,7 +310,7 @@ def prepare_model_folder(
     tokenizer = WeightTokenizer.from_pretrained(folder)
     save_model_folder(model, tokenizer, out_dir, card=False)
     for name in _EXTRA_FILES:
-        source = _metrics_file(folder, name)
+        source = find_metrics_file(folder, name)
         if source is not None and not (out_dir / name).exists():
             shutil.copyfile(source, out_dir / name)
     card = render_model_card(out_dir, repo_id, dataset_repo_id=dataset_repo_id)
@@ -937,7 +450,7 @@ def zoo_files(zoo_folder: str | os.PathLike) -> list[str]:
     from huggingface_hub import DatasetCard
 
     folder = Path(zoo_folder)
-    if not (folder / ZOO_CONFIG_FILE).is_file() or (folder / ".partial").exists():
+    if not (folder / ZOO_CONFIG_FILE).is_file() or (folder / PARTIAL_DIR).exists():
         raise FileNotFoundError(
             f"{folder} is not a complete zoo folder (it needs {ZOO_CONFIG_FILE} and no .partial/): "
             "finish `sane-hf zoo build` / `zoo import` first"
@@ -956,7 +469,7 @@ def zoo_files(zoo_folder: str | os.PathLike) -> list[str]:
             for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
                 if not any(fnmatch(shard, pattern) or fnmatch(shard, pattern + ".parquet") for shard in shards):
                     raise ValueError(f"the dataset card's data_files pattern {pattern!r} matches no shard in {folder}")
-    names = [CARD_FILE, ZOO_CONFIG_FILE] + (["zoo_summary.json"] if (folder / "zoo_summary.json").is_file() else [])
+    names = [CARD_FILE, ZOO_CONFIG_FILE] + ([ZOO_SUMMARY_FILE] if (folder / ZOO_SUMMARY_FILE).is_file() else [])
     return sorted(names + shards)
 
 

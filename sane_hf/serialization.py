@@ -20,6 +20,7 @@ __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_text", "JsonConfigMixin", "check_safetensors_header",
     "load_safetensors_file", "load_safetensors_bytes", "FolderLockedError", "folder_lock", "check_output_folder",
     "write_owner_marker", "read_owner_marker", "LOCK_FILE", "OWNER_FILE", "writes_folder", "usual_file_mode",
+    "read_json", "flatten_json", "json_default",
 ]  # fmt: skip
 
 
@@ -68,6 +69,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """UTF-8 text version of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The parsed JSON at ``path``, or None when the file is missing; a clear error when it is broken."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for the values jobs record: numpy scalars and arrays, paths."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def flatten_json(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Scalar leaves of nested dicts as ``(dotted.key, value)``; lists of scalars kept whole, others skipped."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            out += flatten_json(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, (int, float, str, bool)) or data is None:
+        out.append((prefix, data))
+    elif isinstance(data, (list, tuple)) and len(data) <= 8 and all(isinstance(v, (int, float)) for v in data):
+        out.append((prefix, list(data)))
+    return out
 
 
 _C = TypeVar("_C", bound="JsonConfigMixin")

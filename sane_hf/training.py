@@ -904,7 +904,8 @@ def _write_final(
     The folder is pipeline-ready (:func:`sane_hf.hub.save_model_folder`: remote code,
     ``custom_pipelines`` for ``weight-sampling`` and ``weight-embedding``, and the model card).
     """
-    from sane_hf.hub import save_model_folder, write_model_card
+    from sane_hf.cards import write_model_card
+    from sane_hf.hub import save_model_folder
 
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}final_", dir=output_dir))
     try:

@@ -87,7 +87,8 @@ def test_cli_probe_and_quickstart_probe_give_identical_numbers(zoo_and_model, tm
     # one recipe: `sane-hf probe` and the quickstart's probe stage use the same readout and give the same numbers
     from sane_hf import load_zoo
     from sane_hf.embedding import DEFAULT_POOLING
-    from sane_hf.quickstart import QuickstartConfig, _stage_probe
+    from sane_hf.quickstart import QuickstartConfig
+    from sane_hf.quickstart.runner import _stage_probe
 
     root = zoo_and_model
     assert main(["probe", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(tmp_path / "cli"),

@@ -16,8 +16,8 @@ import torch
 from huggingface_hub import HfApi
 
 from sane_hf import SaneConfig, SaneModel, WeightTokenizer
+from sane_hf.cards import NOT_MEASURED
 from sane_hf.cli import build_parser, main
-from sane_hf.hub import NOT_MEASURED
 from sane_hf.zoo.architectures import create_model
 
 SECRET = "hf_secretCLI0123456789abcdefgh"

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from sane_hf.serialization import writes_folder
 
-__all__ = ["register", "run_sample", "format_report"]
+__all__ = ["register", "run_sample"]
 
 _SKIP = ("window", "halo")  # advanced: kept at the model's defaults on the command line
 
@@ -125,54 +124,6 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     return SamplingEvalConfig(**values)
 
 
-def _fmt(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "n/a"
-    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
-
-
-def format_report(metrics: dict[str, Any]) -> str:
-    """The evaluation in readable tables, degenerate baselines flagged, and one verdict line per claim."""
-    from sane_hf.verdicts import degenerate_groups, group_name, overall_verdict, sampling_verdicts
-
-    degenerate = set(degenerate_groups(metrics))
-
-    def name_of(key: str) -> str:
-        return group_name(key) + (" [degenerate]" if key in degenerate else "")
-
-    width = max([len(name_of(k)) for k in (metrics.get("accuracy") or {})] + [34]) + 2
-    lines = []
-    accuracy = metrics.get("accuracy") or {}
-    if accuracy:
-        epochs = sorted({int(e) for curve in accuracy.values() for e in curve})
-        lines.append(f"test accuracy of {metrics['arch']} on {metrics['task']} after fine-tuning epochs "
-                     "(mean ± std over models):")
-        lines.append("  " + "models".ljust(width) + "".join(f"epoch {e}".ljust(18) for e in epochs))
-        for name, curve in accuracy.items():
-            lines.append("  " + name_of(name).ljust(width) + "".join(_fmt(curve.get(str(e))).ljust(18) for e in epochs))
-    novelty = metrics.get("novelty")
-    if novelty:
-        lines.append(f"nearest training checkpoint (after alignment, {novelty['num_neighbours']} searched):")
-        for name in ("sampled", "noise", "noise_matched_accuracy", "prompts"):
-            if name in novelty:
-                lines.append(f"  {name_of(name).ljust(width)} distance {_fmt(novelty[name]['nearest_distance'])}   "
-                             f"agreement {_fmt(novelty[name]['agreement'])}")
-    diversity = format_diversity(metrics)
-    if diversity:
-        lines.append(diversity)
-    transfer = metrics.get("transfer")
-    if transfer:
-        last = str(transfer["epochs"])
-        lines.append(f"transfer to {transfer['description']}, after {last} epoch(s):")
-        for name, curve in transfer["accuracy"].items():
-            lines.append(f"  {name_of(name).ljust(width)} {_fmt(curve.get(last))}")
-    overall = overall_verdict(None, metrics)
-    verdicts = sampling_verdicts(metrics)
-    if overall or verdicts:
-        lines += ["", *([overall] if overall else []), *(f"  - {line}" for line in verdicts)]
-    return "\n".join(lines)
-
-
 def _load_zoo_config(args: argparse.Namespace) -> Any:
     from sane_hf.zoo.dataset import load_zoo_config
 
@@ -185,55 +136,6 @@ def _load_zoo_config(args: argparse.Namespace) -> Any:
     raise SystemExit(
         f"sane-hf sample: no zoo_config.json in {', '.join(str(c) for c in candidates)}; pass --zoo-config"
     )
-
-
-def _write_plain(out: Path, setup: Any, samples: list[Any], zoo_config: Any, config: Any, start: float) -> dict:
-    """Samples without --evaluate: the state_dicts, and each one's test accuracy when the task is known."""
-    from sane_hf.evaluation import diversity_metrics, prompt_metrics, save_samples
-    from sane_hf.zoo.train import evaluate_model
-
-    rows = []
-    for s in samples:
-        row = {"score": s.score, "anchor_model_id": int(setup.prompts[s.anchor_index]["model_id"]), "round": s.round}
-        if setup.build is not None:
-            net = setup.load(s.state_dict)  # loads strictly: a sample that does not fit fails here, before writing
-            if setup.task is not None:
-                row["test_acc"] = evaluate_model(net, setup.task, "test")[0]
-        rows.append(row)
-    task_name = setup.task.name if setup.task is not None else zoo_config.task
-    out.mkdir(parents=True, exist_ok=True)
-    files = save_samples(samples, out, {"arch": zoo_config.arch, "activation": setup.activation, "task": task_name})
-    for name, row in zip(files, rows):
-        row["file"] = name
-    metrics = {
-        "task": task_name, "arch": zoo_config.arch, "activation": setup.activation,
-        "prompts": prompt_metrics(setup), "score": setup.score,
-        "samples": [{"file": r.pop("file"), **r} for r in rows],
-        "diversity": diversity_metrics(setup, samples),
-        "bandwidth": samples[0].bandwidth, "config": config.to_dict(),
-        "files": ["metrics.json", *files], "seconds": round(time.perf_counter() - start, 2),
-    }
-    from sane_hf.serialization import atomic_write_text
-
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return metrics
-
-
-def format_diversity(metrics: dict[str, Any]) -> str:
-    """Two lines: samples' mean pairwise distance beside the prompts', and the anchor histogram."""
-    div = metrics.get("diversity") or (metrics.get("sampling") or {}).get("diversity")
-    if not div:
-        return ""
-
-    def f(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
-
-    lines = [f"diversity: mean pairwise distance of samples {f(div['samples_mean_pairwise_distance'])} vs prompts "
-             f"{f(div['prompts_mean_pairwise_distance'])} (ratio {f(div['ratio'])}; not aligned)"]
-    if div.get("anchor_histogram"):
-        hist = ", ".join(f"model {k}: {v}" for k, v in div["anchor_histogram"].items())
-        lines.append(f"samples per prompt (anchor histogram): {hist}")
-    return "\n".join(lines)
 
 
 def _sample_out(args: argparse.Namespace) -> tuple[Path, bool, bool] | None:
@@ -250,7 +152,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from sane_hf.cli._common import apply_num_threads
     from sane_hf.evaluation import evaluate_sampling, run_sampling
+    from sane_hf.jobs import refresh_model_card, write_plain_samples
     from sane_hf.modeling_sane import SaneModel
+    from sane_hf.reports import format_diversity, format_sampling_report, prompt_line
     from sane_hf.tokenization_sane import WeightTokenizer
     from sane_hf.zoo.dataset import load_zoo
 
@@ -285,11 +189,11 @@ def run_sample(args: argparse.Namespace) -> int:
             metrics = evaluate_sampling(model, tokenizer, zoo, zoo_config, config, out, progress=progress)
             if args.no_plots and (out / "accuracy_vs_epoch.png").exists():
                 (out / "accuracy_vs_epoch.png").unlink()
-            print(_prompt_line(metrics["prompts"]))
-            print(format_report(metrics))
+            print(prompt_line(metrics["prompts"]))
+            print(format_sampling_report(metrics))
         else:
             setup, samples = run_sampling(model, tokenizer, zoo, zoo_config, config, progress=progress)
-            metrics = _write_plain(out, setup, samples, zoo_config, config, start)
+            metrics = write_plain_samples(out, setup, samples, zoo_config, config, start)
             accs = [r["test_acc"] for r in metrics["samples"] if "test_acc" in r]
             prompt_accs = [a for a in metrics["prompts"]["test_acc"] if a == a]
             if accs:
@@ -304,26 +208,8 @@ def run_sample(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"sane-hf sample: {err}") from err
     print(f"wrote {len(list(out.glob('sample_*.safetensors')))} samples and metrics.json to {out}")
-    if args.evaluate:
-        _refresh_card(model_dir, out)
+    if args.evaluate and refresh_model_card(model_dir, out, "sampling"):
+        print(f"updated the model card {model_dir / 'README.md'} with these numbers and verdicts")
     return 0
 
 
-def _prompt_line(prompts: dict[str, Any]) -> str:
-    """How many prompts were asked for, how many survived, and what each filter removed."""
-    asked = prompts.get("asked")
-    removed = {name: len(ids) for name, ids in (prompts.get("removed") or {}).items() if ids}
-    text = (f"prompts: {len(prompts.get('model_ids') or [])} of {'all' if asked is None else asked} requested, the "
-            f"best test models at epoch {prompts.get('epoch')}")
-    if removed:
-        text += " (" + ", ".join(f"filter {name} removed {n} model(s)" for name, n in removed.items()) + ")"
-    return text
-
-
-def _refresh_card(model_dir: Path, out: Path) -> None:
-    """Re-render the model card when the metrics went where the card reads them (``<model>/sampling``)."""
-    from sane_hf.hub import CARD_FILE, write_model_card
-
-    if out.resolve() == (model_dir / "sampling").resolve() and (model_dir / CARD_FILE).is_file():
-        write_model_card(model_dir)
-        print(f"updated the model card {model_dir / CARD_FILE} with these numbers and verdicts")
