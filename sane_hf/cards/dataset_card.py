@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sane_hf.zoo.dataset import ZooConfig
+    from sane_hf.zoo.schema import ZooConfig
 
 __all__ = ["zoo_card_template_path", "render_zoo_card"]
 
@@ -244,7 +244,7 @@ def _hyperparameter_rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     """One row per hyperparameter: its values with the number of models of each."""
     import numpy as np
 
-    from sane_hf.zoo.dataset import HPARAM_COLUMNS, ZOO_FEATURES, _fmt
+    from sane_hf.zoo.schema import HPARAM_COLUMNS, ZOO_FEATURES, _fmt
 
     rows = []
     counts_all = summary.get("hparam_counts") or {}
@@ -264,7 +264,7 @@ def _hyperparameter_rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _property_rows(summary: Mapping[str, Any], shown_epochs: Sequence[str]) -> list[dict[str, Any]]:
-    from sane_hf.zoo.dataset import PROPERTY_COLUMNS, _fmt
+    from sane_hf.zoo.schema import PROPERTY_COLUMNS, _fmt
 
     per_prop = summary.get("properties_per_epoch") or {}
     rows = []
@@ -279,7 +279,7 @@ def _property_rows(summary: Mapping[str, Any], shown_epochs: Sequence[str]) -> l
 
 
 def _architecture(config: ZooConfig, first_weights: bytes | None) -> dict[str, Any] | None:
-    from sane_hf.zoo.dataset import state_dict_from_bytes
+    from sane_hf.zoo.schema import state_dict_from_bytes
 
     if first_weights is None:
         return None
@@ -323,7 +323,7 @@ def _training(config: ZooConfig, task_card: _TaskCard | None, versions: Mapping[
 
 def _source(config: ZooConfig, summary: Mapping[str, Any], metas: list[dict[str, Any]], fmt: str, name: str) -> dict[str, Any]:
     """Where an imported zoo came from and which columns the source knew (the "Source" section)."""
-    from sane_hf.zoo.dataset import HPARAM_COLUMNS, PROPERTY_COLUMNS, _is_unknown_value
+    from sane_hf.zoo.schema import HPARAM_COLUMNS, PROPERTY_COLUMNS, _is_unknown_value
 
     sources = list(summary.get("sources") or [])
     known, partial, unknown = [], [], []
@@ -353,7 +353,7 @@ def _card_data(config: ZooConfig, summary: Mapping[str, Any], data_files: Mappin
     from datasets.info import DatasetInfosDict
     from huggingface_hub import DatasetCardData
 
-    from sane_hf.zoo.dataset import SPLITS, ZOO_FEATURES
+    from sane_hf.zoo.schema import SPLITS, ZOO_FEATURES
 
     license_id = task_card.license if task_card is not None else "other"
     num_bytes = summary.get("num_bytes") or {}
@@ -412,7 +412,7 @@ def render_zoo_card(
     """
     from huggingface_hub import DatasetCard
 
-    from sane_hf.zoo.dataset import SPLITS, ZOO_FEATURES, _versions
+    from sane_hf.zoo.schema import SPLITS, ZOO_FEATURES, _versions
 
     built = config.source == "build"
     fmt = None if built else config.source.split(":", 1)[1]
