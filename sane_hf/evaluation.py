@@ -59,7 +59,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sane_hf.constants import METRICS_FILE
 from sane_hf.sampling import SAMPLING_MODES, condition_batchnorm, reset_head, sample_models
+from sane_hf.serialization import JsonConfigMixin, atomic_write_text
 
 __all__ = [
     "SamplingEvalConfig",
@@ -98,7 +100,7 @@ def _parse_bandwidth(value: Any) -> float | str:
 
 
 @dataclass
-class SamplingEvalConfig:
+class SamplingEvalConfig(JsonConfigMixin):
     """Settings of :func:`evaluate_sampling` (each field's ``help`` also drives ``sane-hf sample``)."""
 
     num_samples: int = field(default=16, metadata={"help": "Models to sample."})
@@ -181,11 +183,6 @@ class SamplingEvalConfig:
             raise ValueError(f"finetune_epochs must be non-negative integers, got {self.finetune_epochs}")
         if self.transfer_epochs < 0 or self.bootstrap_rounds < 0:
             raise ValueError("transfer_epochs and bootstrap_rounds must be >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["finetune_epochs"] = list(self.finetune_epochs)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,7 +869,7 @@ def evaluate_sampling(
         metrics["files"] = ["metrics.json", *files]
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     if out_dir is not None:
-        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(Path(out_dir) / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

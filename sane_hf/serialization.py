@@ -119,7 +119,8 @@ class JsonConfigMixin:
     """
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        """The fields as a JSON-ready dict (tuple fields become lists, as they read back from JSON)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:

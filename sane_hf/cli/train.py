@@ -82,20 +82,24 @@ def _fix_negative_flag_help(parser: argparse.ArgumentParser) -> None:
             action.help = f"turn {positive} off (it is on by default). {positive}: {action.help}"
 
 
-def _token_size(args: argparse.Namespace) -> tuple[int, Any]:
-    """The token size the model must use, and the tokenizer when one is known."""
+def _token_size(args: argparse.Namespace) -> tuple[int, Any, Any]:
+    """The token size the model must use, the tokenizer to hand to ``train_sane``, and the tokenizer read.
+
+    The tokenizer is read once: the one of ``--tokenizer`` goes to ``train_sane``; the one in the zoo
+    folder only tells the window fit its length (``train_sane`` takes it from the folder for a tokenized zoo).
+    """
     from sane_hf.tokenization_sane import TOKENIZER_FILE, WeightTokenizer
 
     if args.tokenizer is not None:
         tok = WeightTokenizer.from_pretrained(args.tokenizer)
-        return tok.token_size, tok
+        return tok.token_size, tok, tok
     if (args.zoo / TOKENIZER_FILE).is_file():
         tok = WeightTokenizer.from_pretrained(args.zoo)
-        return tok.token_size, None  # train_sane picks it up from the folder
-    return args.token_size, None
+        return tok.token_size, None, tok  # train_sane picks it up from the folder
+    return args.token_size, None, None
 
 
-def _model_config(args: argparse.Namespace, token_size: int, training: Any):
+def _model_config(args: argparse.Namespace, token_size: int, training: Any, known: Any = None):
     from sane_hf.configuration_sane import SaneConfig
     from sane_hf.training import latest_checkpoint
 
@@ -107,7 +111,7 @@ def _model_config(args: argparse.Namespace, token_size: int, training: Any):
     if checkpoint is not None and (checkpoint / "sane_config.json").is_file():
         saved = SaneConfig.from_json_file(str(checkpoint / "sane_config.json"))
         if explicit:  # the flags must describe the run's own model, or they would be silently ignored
-            wanted = _model_config_from_flags(args, token_size, overrides)
+            wanted = _model_config_from_flags(args, token_size, overrides, known)
             ignore = ("transformers_version", "_name_or_path", "architectures", "auto_map")
             a, b = saved.to_dict(), wanted.to_dict()
             diff = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
@@ -120,13 +124,15 @@ def _model_config(args: argparse.Namespace, token_size: int, training: Any):
         print(f"sane-hf train: resuming {checkpoint} with the run's model config ({checkpoint / 'sane_config.json'})")
         config = saved
     else:
-        config = _model_config_from_flags(args, token_size, overrides)
+        config = _model_config_from_flags(args, token_size, overrides, known)
     if config.token_size != token_size:
         raise ValueError(f"the model config has token_size {config.token_size} but the zoo's tokens have {token_size}")
     return config
 
 
-def _model_config_from_flags(args: argparse.Namespace, token_size: int, overrides: dict[str, Any]):
+def _model_config_from_flags(
+    args: argparse.Namespace, token_size: int, overrides: dict[str, Any], known: Any = None
+):
     from sane_hf.configuration_sane import SaneConfig
     from sane_hf.training import DEFAULT_PRESET, sane_config_preset
 
@@ -144,7 +150,7 @@ def _model_config_from_flags(args: argparse.Namespace, token_size: int, override
     else:
         preset = args.preset or DEFAULT_PRESET
         config = sane_config_preset(preset, token_size, **overrides)
-        num_tokens = _zoo_num_tokens(args, token_size) if args.window_size is None else None
+        num_tokens = _zoo_num_tokens(args, token_size, known) if args.window_size is None else None
         if num_tokens is not None and config.window_size > num_tokens:
             # only a preset's window shrinks (an explicit --window-size that is too long stays an error)
             print(
@@ -157,15 +163,17 @@ def _model_config_from_flags(args: argparse.Namespace, token_size: int, override
     return config
 
 
-def _zoo_num_tokens(args: argparse.Namespace, token_size: int) -> int | None:
-    """Tokens per checkpoint of the zoo at ``token_size`` (None when it cannot be told cheaply)."""
-    from sane_hf.tokenization_sane import TOKENIZER_FILE, WeightTokenizer
+def _zoo_num_tokens(args: argparse.Namespace, token_size: int, known: Any = None) -> int | None:
+    """Tokens per checkpoint of the zoo at ``token_size`` (None when it cannot be told cheaply).
 
+    ``known``: the tokenizer already read (``--tokenizer`` or the zoo folder's), else one is built
+    from the zoo's first checkpoint.
+    """
+    from sane_hf.tokenization_sane import WeightTokenizer
+
+    if known is not None:
+        return known.num_tokens
     try:
-        if args.tokenizer is not None:
-            return WeightTokenizer.from_pretrained(args.tokenizer).num_tokens
-        if (args.zoo / TOKENIZER_FILE).is_file():
-            return WeightTokenizer.from_pretrained(args.zoo).num_tokens
         from sane_hf.zoo.dataset import load_zoo, state_dict_from_bytes
 
         row = load_zoo(args.zoo)["train"][0]
@@ -207,8 +215,8 @@ def run_train(args: argparse.Namespace) -> int:
     names = [f.name for f in dataclasses.fields(SaneTrainingConfig)]
     try:
         training = SaneTrainingConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
-        token_size, tokenizer = _token_size(args)
-        config = _model_config(args, token_size, training)
+        token_size, tokenizer, known = _token_size(args)
+        config = _model_config(args, token_size, training, known)
         out = train_sane(config, args.zoo, training, tokenizer=tokenizer)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise SystemExit(f"sane-hf train: {err}") from err

@@ -13,6 +13,7 @@ from sane_hf.constants import QUICKSTART_MODEL_DIR
 from sane_hf.embedding import DEFAULT_POOLING
 from sane_hf.evaluation import SamplingEvalConfig
 from sane_hf.probing import METHODS
+from sane_hf.serialization import JsonConfigMixin
 from sane_hf.training import SaneTrainingConfig, sane_config_preset
 from sane_hf.zoo.dataset import ZooConfig
 
@@ -20,7 +21,7 @@ __all__ = ["ProbeSettings", "QuickstartConfig"]
 
 
 @dataclass
-class ProbeSettings:
+class ProbeSettings(JsonConfigMixin):
     """How the probing stage runs :func:`~sane_hf.probing.evaluate_zoo_probes`."""
 
     targets: tuple[str, ...] = field(
@@ -47,9 +48,6 @@ class ProbeSettings:
             raise ValueError("targets must name at least one property")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _default_zoo() -> ZooConfig:
