@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ __all__ = [
     "PLOT_PROPERTY",
     "format_seconds",
     "format_number",
+    "markdown_table",
+    "text_table",
     "torch_version",
     "probe_note",
     "sampling_note",
@@ -80,13 +82,15 @@ def format_number(value: Any, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table (cells as ``str``)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with aligned columns and a dashed rule under the header."""
     cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
@@ -208,7 +212,7 @@ def render_report(
         "",
         "## Stages",
         "",
-        _md_table(
+        markdown_table(
             ["stage", "this run", "when computed", "status", "details"],
             [[s.name, format_seconds(s.seconds), format_seconds(s.computed_seconds), "reused" if s.reused else "ran",
               s.note.replace("|", "/")] for s in stages.values()],
@@ -225,7 +229,7 @@ def render_report(
             f"`{(probe.get('info') or {}).get('pooling', config.probe.pooling)}`. Baselines on the same split: "
             "layer statistics (per layer mean, variance, quantiles; Unterthiner et al. 2020) and the raw weights.",
             "",
-            _md_table(["property", "metric", *(method_name(mm) for mm in methods)],
+            markdown_table(["property", "metric", *(method_name(mm) for mm in methods)],
                       _probe_rows(probe, methods)),
         ]
         if probe.get("notes"):
@@ -245,7 +249,7 @@ def render_report(
             "checkpoints after permutation alignment (with the fraction of test inputs on which the two "
             "agree; a copy has a small distance and agreement near 1):",
             "",
-            _md_table(*_sampling_rows(sampling)),
+            markdown_table(*_sampling_rows(sampling)),
         ]
         diversity = s.get("diversity") or {}
         if diversity.get("samples_mean_pairwise_distance") is not None:
@@ -274,7 +278,7 @@ def render_report(
                 f"Transfer to {transfer.get('description', transfer.get('task'))} (head reset, "
                 f"{transfer.get('epochs')} fine-tuning epoch(s)):",
                 "",
-                _md_table(*_transfer_rows(transfer)),
+                markdown_table(*_transfer_rows(transfer)),
             ]
     else:
         lines.append("Not measured.")
@@ -329,7 +333,7 @@ def format_summary(
     parts = [
         f"sane-hf quickstart: {format_seconds(total_seconds)} -> {out_dir}",
         "",
-        _text_table(
+        text_table(
             ["stage", "time", "status", "details"],
             [[s.name, format_seconds(s.seconds), "reused" if s.reused else "ran", s.note] for s in stages.values()],
         ),
@@ -338,11 +342,11 @@ def format_summary(
     if probe.get("metrics"):
         rows = [[c.split(" (`")[0].strip("`") for c in r] for r in _probe_rows(probe, methods)]
         parts += ["", "property prediction (test split)",
-                  _text_table(["property", "metric", *(method_name(m) for m in methods)], rows)]
+                  text_table(["property", "metric", *(method_name(m) for m in methods)], rows)]
     if sampling.get("accuracy"):
         header, rows = _sampling_rows(sampling)
         header = [h.replace("distance to nearest zoo checkpoint", "nearest-ckpt dist.") for h in header]
-        parts += ["", "sampling (test accuracy after fine-tuning epochs)", _text_table(header, rows)]
+        parts += ["", "sampling (test accuracy after fine-tuning epochs)", text_table(header, rows)]
     verdicts = verdict_lines(probe, sampling)
     if verdicts:
         parts += ["", verdicts[0], *(f"  - {line}" for line in verdicts[1:])]
@@ -456,7 +460,7 @@ def format_probe_summary(payload: dict[str, Any]) -> str:
     if payload.get("cv"):
         cv = payload["cv"]
         title = f"property prediction, {cv.get('folds')}-fold cross-validation grouped by model (mean ± std over folds)"
-    lines = [title, _text_table(["property", "metric", *(method_name(m) for m in methods)], rows)]
+    lines = [title, text_table(["property", "metric", *(method_name(m) for m in methods)], rows)]
     lines += [f"note: {readable_note(note)}" for note in payload.get("notes") or []]
     verdicts = probe_verdicts(metrics, names)
     overall = overall_verdict({"metrics": metrics})

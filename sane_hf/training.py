@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from sane_hf.constants import METRICS_FILE, TRAINING_CONFIG_FILE, ZOO_CONFIG_FILE
 from sane_hf.serialization import JsonConfigMixin
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,9 +101,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAINING_CONFIG_FILE = "training_config.json"
-METRICS_FILE = "metrics.json"
-ZOO_CONFIG_FILE = "zoo_config.json"
 CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 _TMP_PREFIX = ".tmp_"

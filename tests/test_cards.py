@@ -115,3 +115,19 @@ def test_model_card_sampling_evaluation_tables(tmp_path, tiny):
     assert "test accuracy mean 0.6" in sampling
     verdict = text.split("### Verdict")[1].split("### Training")[0]
     assert "SANE samples beat random init by +0.33 at epoch 0 and by +0.31 after 1 fine-tuning epoch." in verdict
+
+
+def test_reports_name_the_probe_methods_of_the_probes():
+    from sane_hf.probing import METHODS
+    from sane_hf.reports import METHODS as SHOWN
+    from sane_hf.verdicts import METHOD_NAMES
+
+    assert SHOWN == METHODS and set(METHOD_NAMES) == set(METHODS)
+
+
+def test_file_names_agree_with_the_self_contained_tokenizer():
+    # tokenization_sane.py travels as remote code and keeps its own copy of the file name
+    from sane_hf.constants import TOKENIZER_FILE
+    from sane_hf.tokenization_sane import TOKENIZER_FILE as SHIPPED
+
+    assert TOKENIZER_FILE == SHIPPED

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from sane_hf.constants import (
     ZOO_CONFIG_FILE,
     find_metrics_file,
 )
+from sane_hf.reports import markdown_table
 from sane_hf.serialization import flatten_json, read_json
 from sane_hf.verdicts import METHOD_NAMES as _METHOD_NAMES  # one set of names for every output
 from sane_hf.verdicts import (
@@ -99,13 +100,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-
 def model_card_template_path() -> Path:
     """The packaged model-card template (a copy of ``model_card.md`` at the repository root)."""
     return Path(__file__).resolve().parent.parent / "templates" / _TEMPLATE_NAME
@@ -129,7 +123,6 @@ _TRAINING_ROWS = (
 )
 
 
-
 def _training_results(metrics: Mapping[str, Any] | None) -> str:
     if metrics is None:
         return (
@@ -137,7 +130,7 @@ def _training_results(metrics: Mapping[str, Any] | None) -> str:
             "`train_sane` at the end of a run)."
         )
     rows = [(f"`{key}`", meaning, _fmt(metrics.get(key))) for key, meaning in _TRAINING_ROWS]
-    return _table(("metric", "meaning", "value"), rows)
+    return markdown_table(("metric", "meaning", "value"), rows)
 
 
 def _probe_results(probe: Mapping[str, Any] | None) -> str:
@@ -161,7 +154,7 @@ def _probe_results(probe: Mapping[str, Any] | None) -> str:
         "Test-split score of a linear probe per property (R² for continuous properties, accuracy for "
         "categorical ones), fitted on SANE embeddings and on the two baselines of the same split:",
         "",
-        _table(("property", "metric", *(method_name(m) for m in methods)), rows),
+        markdown_table(("property", "metric", *(method_name(m) for m in methods)), rows),
     ]
     info = probe.get("info") if isinstance(probe.get("info"), Mapping) else {}
     sizes = {k: v for k, v in info.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
@@ -198,7 +191,7 @@ def _curve_table(
     ]
     if gain:
         rows.append(("**gain of samples over random init**", *(_fmt(gain.get(e)) for e in epochs)))
-    return _table(("test accuracy after fine-tuning epochs →", *(str(e) for e in epochs)), rows)
+    return markdown_table(("test accuracy after fine-tuning epochs →", *(str(e) for e in epochs)), rows)
 
 
 def _degenerate_groups(m: Mapping[str, Any]) -> list[str]:
@@ -238,7 +231,7 @@ def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
             "after permutation alignment, and the fraction of test inputs on which a model predicts the same "
             "class as that checkpoint (near 1 with a small distance = a copy):",
             "",
-            _table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
+            markdown_table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
                    rows),
         ]
     text += ["", *[f"> **Warning:** {w}" for w in degenerate_baselines(m)]] if degenerate_baselines(m) else []
@@ -268,7 +261,7 @@ def _sampling_samples(m: Mapping[str, Any]) -> list[str]:
         f"Samples for task `{m.get('task')}` (architecture `{m.get('arch')}`), test accuracy without fine-tuning; "
         f"prompt models' test accuracy mean {_fmt(sum(accs) / len(accs)) if accs else NOT_MEASURED}:",
         "",
-        _table(("sample", "score", "test accuracy", "anchor prompt model"), rows),
+        markdown_table(("sample", "score", "test accuracy", "anchor prompt model"), rows),
         "",
         "Fine-tuning curves, baselines, novelty and transfer: not measured (`sane-hf sample --evaluate`).",
     ]
@@ -289,7 +282,7 @@ def _sampling_results(sampling: Mapping[str, Any] | None) -> str:
     if not rows:
         return f"Not measured: `{SAMPLING_METRICS_FILE}` holds no numbers."
     shown = rows[:_SAMPLING_ROWS_SHOWN]
-    text = ["Every number of the sampling evaluation, as recorded:", "", _table(("quantity", "value"), shown)]
+    text = ["Every number of the sampling evaluation, as recorded:", "", markdown_table(("quantity", "value"), shown)]
     if len(rows) > len(shown):
         text += ["", f"({len(rows) - len(shown)} more in `{SAMPLING_METRICS_FILE}`.)"]
     return "\n".join(text)
@@ -322,7 +315,7 @@ def _zoo_section(zoo: Mapping[str, Any] | None, dataset_repo_id: str | None) -> 
     ]
     if zoo.get("grid"):
         rows.append(("grid arguments", f"`{json.dumps(zoo['grid'], sort_keys=True)}`"))
-    return link + f"From `{ZOO_CONFIG_FILE}`:\n\n" + _table(("", ""), rows)
+    return link + f"From `{ZOO_CONFIG_FILE}`:\n\n" + markdown_table(("", ""), rows)
 
 
 def _model_section(folder: Path, config: Mapping[str, Any] | None) -> str:
@@ -334,7 +327,7 @@ def _model_section(folder: Path, config: Mapping[str, Any] | None) -> str:
     num_params = _count_parameters(folder)
     if num_params is not None:
         rows.append(("parameters", _fmt(num_params)))
-    text = ["SANE transformer autoencoder (`SaneConfig`, from `config.json`):", "", _table(("", ""), rows)]
+    text = ["SANE transformer autoencoder (`SaneConfig`, from `config.json`):", "", markdown_table(("", ""), rows)]
     tokenizer = _tokenizer_summary(folder)
     if tokenizer:
         text += ["", tokenizer]
@@ -375,7 +368,7 @@ def _training_section(training: Mapping[str, Any] | None) -> str:
             "gradient_accumulation_steps", "mixed_precision", "noise_std", "erase_prob", "permutation",
             "windows_per_sample", "max_grad_norm", "seed")
     rows = [(f"`{k}`", _fmt(training.get(k)) if training.get(k) is not None else "–") for k in keys if k in training]
-    return f"`SaneTrainingConfig` (from `{TRAINING_CONFIG_FILE}`):\n\n" + _table(("", ""), rows)
+    return f"`SaneTrainingConfig` (from `{TRAINING_CONFIG_FILE}`):\n\n" + markdown_table(("", ""), rows)
 
 
 def render_model_card(
