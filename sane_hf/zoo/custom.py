@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sane_hf.zoo.dataset import ZooConfig
+    from sane_hf.zoo.schema import ZooConfig
     from sane_hf.zoo.tasks import TaskData
 
 __all__ = [
