@@ -51,15 +51,27 @@ READOUTS = ("layer", "mean", "flatten")
 # zoos and variants
 # ----------------------------------------------------------------------------------------------
 
-#: ``sane-hf zoo build`` flags per zoo (without ``--out``).
+_BUILD = ["-m", "sane_hf.cli", "zoo", "build"]
+#: The command (after ``python``, without ``--out``) that builds each zoo.
 ZOOS: dict[str, list[str]] = {
     # the quickstart's zoo (QuickstartConfig's default ZooConfig): 100 models x 7 checkpoints
-    "quickstart": ["--task", "digits", "--arch", "cnn-s", "--num-models", "100", "--epochs", "10",
+    "quickstart": [*_BUILD, "--task", "digits", "--arch", "cnn-s", "--num-models", "100", "--epochs", "10",
                    "--checkpoint-epochs", "0", "1", "2", "3", "5", "7", "10", "--grid",
                    '{"optimizers": ["adam"], "lr_range": [0.0001, 0.003]}', "--seed", "0", "--num-workers", "2"],
     # the 200-model digits zoo of benchmarks/quality.py (SGD and Adam grid)
-    "digits-200": ["--task", "digits", "--arch", "cnn-s", "--num-models", "200", "--epochs", "10",
+    "digits-200": [*_BUILD, "--task", "digits", "--arch", "cnn-s", "--num-models", "200", "--epochs", "10",
                    "--checkpoint-epochs", "0", "1", "2", "3", "5", "7", "10", "--seed", "0", "--num-workers", "2"],
+    # confirmation zoos, never used to choose the recipe:
+    # Fashion-MNIST at 14x14 (benchmarks/quality.py's fashion-cnn-s zoo)
+    "fashion": [*_BUILD, "--task", "fashion-mnist", "--arch", "cnn-s", "--image-size", "14", "--train-subset", "5000",
+                "--eval-subset", "2000", "--num-models", "60", "--epochs", "6", "--checkpoint-epochs", "0", "1", "2",
+                "4", "6", "--seed", "0", "--num-workers", "2"],
+    # the ResNet-18 stand-in (CIFAR-style ResNet-18 at width 4, BatchNorm, ~44k parameters) on digits
+    "resnet-w4": [*_BUILD, "--task", "digits", "--arch", "resnet18", "--arch-kwargs", '{"width": 4}', "--num-models",
+                  "30", "--epochs", "6", "--checkpoint-epochs", "0", "2", "6", "--seed", "0", "--num-workers", "2"],
+    # a task and architecture family with no builder here (1-D CNN + LayerNorm on synthetic signals), trained by
+    # a user's own loop and imported with `sane-hf zoo import --format folder` (benchmarks/foreign_zoo.py)
+    "foreign": [str(Path(__file__).resolve().parent / "foreign_zoo.py"), "--models", "100"],
 }
 
 
@@ -120,9 +132,11 @@ def rows() -> list[Row]:
     out = [Row("quickstart", "recipe", s, 1000, curve) for s in (0, 1, 2)]
     out += [Row("digits-200", "recipe", s, 1000, curve) for s in (0, 1, 2)]
     out += [Row("digits-200", "recipe-3000", 0, 3000, (1000, 2000, 3000))]
+    out += [Row("foreign", "recipe", s, 1000, curve) for s in (0, 1, 2)]
+    out += [Row(z, "recipe", 0, 1000, curve) for z in ("fashion", "resnet-w4")]
     out += [Row("quickstart", "old-defaults", 0, 1000, curve)]
     out += [Row("digits-200", "old-defaults", 0, 1000, curve)]
-    out += [Row("quickstart", v, 0, 500, (250, 500)) for v in VARIANTS if v not in ("recipe", "old-defaults")]
+    out += [Row("quickstart", v, 0, 500, (250, 500)) for v in VARIANTS if v not in ("recipe", "recipe-3000", "old-defaults")]
     return out
 
 
@@ -134,7 +148,7 @@ def rows() -> list[Row]:
 def build_zoo(work: Path, zoo: str) -> Path:
     out = work / "zoos" / zoo
     if not (out / "zoo_summary.json").exists():
-        cmd = [sys.executable, "-m", "sane_hf.cli", "zoo", "build", *ZOOS[zoo], "--out", str(out), "--no-progress"]
+        cmd = [sys.executable, *ZOOS[zoo], "--out", str(out)] + (["--no-progress"] if ZOOS[zoo][:1] == ["-m"] else [])
         subprocess.run(cmd, check=True)
     return out
 

@@ -14,10 +14,11 @@ Given a trained SANE, its tokenizer and a zoo:
 
    - ``sampled``: the samples;
    - ``random_init``: the same architecture from random initialisation (one per sample);
-   - ``noise``: prompt ``i mod P`` plus isotropic Gaussian noise on the parameters whose norm equals
-     sample ``i``'s distance to its nearest prompt (after alignment): "prompts perturbed as far as
-     the samples are";
-   - ``noise_matched_accuracy``: the same with one common noise norm, chosen by bisection so that
+   - ``noise``: sample ``i``'s nearest prompt (after alignment) plus isotropic Gaussian noise on the
+     parameters whose norm equals that distance: "the same prompts perturbed as far as the samples
+     are" — so a sampler that keeps only candidates near the best prompts is compared with noise
+     around those prompts, not around all of them;
+   - ``noise_matched_accuracy``: the same prompts with one common noise norm, chosen by bisection so that
      the mean *validation* accuracy equals the samples' (:func:`calibrate_noise`): "prompts
      perturbed until they are as good as the samples" — the reference for "farther from the zoo
      at equal accuracy";
@@ -73,6 +74,7 @@ __all__ = [
     "accuracy_score_fn",
     "aligned_average",
     "noise_like",
+    "matched_noise",
     "calibrate_noise",
     "nearest_neighbours",
     "prediction_agreement",
@@ -418,6 +420,25 @@ def nearest_neighbours(
     return dists, index
 
 
+def matched_noise(
+    samples: Sequence[Mapping[str, Tensor]],
+    prompts: Sequence[Mapping[str, Tensor]],
+    spec: Any,
+    keys: Sequence[str],
+    generator: torch.Generator,
+) -> tuple[list[dict[str, Tensor]], list[int], list[float]]:
+    """The "prompts + noise at matched distance" baseline of ``samples``.
+
+    Noise model ``i`` is sample ``i``'s nearest prompt (after alignment) plus isotropic Gaussian
+    noise on ``keys`` whose L2 norm equals that distance. Anchoring each noise model at the same
+    prompt as its sample keeps the comparison fair when a sampler concentrates on the best
+    prompts. Returns ``(noise state_dicts, nearest prompt index per sample, distances)``.
+    """
+    dists, index = nearest_neighbours(samples, prompts, spec, keys)
+    noisy = [noise_like(prompts[j], keys, d, generator) for j, d in zip(index, dists)]
+    return noisy, index, dists
+
+
 @torch.no_grad()
 def prediction_agreement(a: nn.Module, b: nn.Module, x: Tensor, batch_size: int = 1000) -> float:
     """Fraction of inputs on which ``a`` and ``b`` (in eval mode) predict the same class."""
@@ -719,10 +740,9 @@ def evaluate_sampling(
     prompt_nets = [setup.load(sd, condition=False) for sd in setup.prompt_sds]
 
     # the samples' distance to their nearest prompt sets the noise baseline's scale
-    prompt_dist, prompt_idx = nearest_neighbours(sample_sds, setup.prompt_sds, spec, keys)
     gen = torch.Generator().manual_seed(config.seed)
-    P = len(setup.prompt_sds)
-    noise_sds = [noise_like(setup.prompt_sds[i % P], keys, prompt_dist[i], gen) for i in range(len(samples))]
+    noise_sds, prompt_idx, prompt_dist = matched_noise(sample_sds, setup.prompt_sds, spec, keys, gen)
+    bases = [setup.prompt_sds[j] for j in prompt_idx]  # each sample's nearest prompt
     noise_nets = [setup.load(sd) for sd in noise_sds]
 
     calibration = _bar(progress, None, "noise at matched accuracy (models evaluated)")
@@ -733,7 +753,7 @@ def evaluate_sampling(
 
     sample_val = float(np.mean([val_acc(sd) for sd in sample_sds]))
     matched_norm, matched_sds = calibrate_noise(
-        [setup.prompt_sds[i % P] for i in range(len(samples))], keys, val_acc, sample_val,
+        bases, keys, val_acc, sample_val,
         torch.Generator().manual_seed(config.seed + 1), start=float(np.mean(prompt_dist)),
     )
     calibration.close()

@@ -1,0 +1,36 @@
+"""The "prompts + noise at matched distance" baseline: anchored at each sample's own nearest prompt."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sane_hf.alignment import permutation_spec
+from sane_hf.evaluation import matched_noise
+
+
+def _mlp(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).state_dict().items()}
+
+
+def test_noise_is_anchored_at_each_samples_nearest_prompt_at_its_distance():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    spec = permutation_spec(net, torch.zeros(2, 4))
+    keys = list(net.state_dict())
+    prompts = [_mlp(0), {k: v + 5.0 for k, v in _mlp(1).items()}, {k: v - 5.0 for k, v in _mlp(2).items()}]
+    # samples pile up near prompt 2 (as a sampler that keeps the best candidates does), one near prompt 0
+    near = [2, 2, 0, 2]
+    gen = torch.Generator().manual_seed(0)
+    samples = [{k: v + 0.05 * (i + 1) * torch.randn(v.shape, generator=gen) for k, v in prompts[j].items()}
+               for i, j in enumerate(near)]
+    noisy, index, dists = matched_noise(samples, prompts, spec, keys, torch.Generator().manual_seed(1))
+    assert index == near
+    for sample, noise, j, d in zip(samples, noisy, index, dists):
+        to_sample = math.sqrt(sum(float((sample[k] - prompts[j][k]).double().pow(2).sum()) for k in keys))
+        to_noise = math.sqrt(sum(float((noise[k] - prompts[j][k]).double().pow(2).sum()) for k in keys))
+        assert d <= to_sample + 1e-6  # aligned distance: never more than the unaligned one
+        assert math.isclose(to_noise, d, rel_tol=1e-5)  # noise exactly as far from the same prompt
+    assert len({id(n) for n in noisy}) == len(samples) and noisy[0][keys[0]].shape == prompts[0][keys[0]].shape
