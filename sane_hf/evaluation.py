@@ -38,7 +38,12 @@ Given a trained SANE, its tokenizer and a zoo:
    takes the first installed of Fashion-MNIST, MNIST and digits that differs from the zoo's task
    and has its number of input channels, resampled to the zoo's image size; if none is installed,
    the zoo's own task with a seeded permutation of the class labels (a weak stand-in: the features
-   transfer unchanged, only the head must be relearnt — reported as such).
+   transfer unchanged, only the head must be relearnt — reported as such). As in the paper, the
+   transfer samples are chosen by the *new* task (``transfer_score="target"``): candidates are
+   drawn again around the same prompts, ranked by :func:`target_score_fn` on
+   ``transfer_score_samples`` labelled images of the new task, and the KDE is refit on the best
+   ones for ``transfer_bootstrap_rounds`` rounds. Reported beside them: the source-scored samples,
+   the prompts, prompts + noise as far as the target-scored samples are, and random init.
 
 Everything is written to ``out_dir``: ``metrics.json``, ``accuracy_vs_epoch.png`` and the
 samples as ``sample_XXX.safetensors`` (metadata: score, anchor prompt, round, activation).
@@ -75,6 +80,8 @@ __all__ = [
     "aligned_average",
     "noise_like",
     "matched_noise",
+    "target_score_fn",
+    "nearest_mean_loo_accuracy",
     "calibrate_noise",
     "nearest_neighbours",
     "prediction_agreement",
@@ -158,6 +165,17 @@ class SamplingEvalConfig(JsonConfigMixin):
         default=1000,
         metadata={"help": "Training images of the transfer task (0 = all); few images are where an init matters."},
     )
+    transfer_score: str = field(
+        default="target",
+        metadata={"help": "Score that picks the transfer samples: 'target' (drawn again, ranked and bootstrapped on "
+                          "--transfer-score-samples labelled images of the new task) or 'source' (the samples above)."},
+    )
+    transfer_score_samples: int = field(
+        default=100, metadata={"help": "Labelled images of the new task the 'target' score uses (from its training set)."}
+    )
+    transfer_bootstrap_rounds: int = field(
+        default=2, metadata={"help": "Bootstrap rounds of the 'target'-scored draw: KDE refit on its best samples."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, baselines, subsets and fine-tuning."})
     window: int | None = field(default=None, metadata={"help": "Content tokens per window (default: from the model)."})
     halo: int | None = field(default=None, metadata={"help": "Halo tokens on each side (default: from the model)."})
@@ -183,8 +201,12 @@ class SamplingEvalConfig(JsonConfigMixin):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.finetune_epochs or self.finetune_epochs[0] < 0:
             raise ValueError(f"finetune_epochs must be non-negative integers, got {self.finetune_epochs}")
-        if self.transfer_epochs < 0 or self.bootstrap_rounds < 0:
-            raise ValueError("transfer_epochs and bootstrap_rounds must be >= 0")
+        if self.transfer_epochs < 0 or self.bootstrap_rounds < 0 or self.transfer_bootstrap_rounds < 0:
+            raise ValueError("transfer_epochs, bootstrap_rounds and transfer_bootstrap_rounds must be >= 0")
+        if self.transfer_score not in ("target", "source"):
+            raise ValueError(f"transfer_score must be 'target' or 'source', got {self.transfer_score!r}")
+        if self.transfer_score_samples < 2:
+            raise ValueError(f"transfer_score_samples must be >= 2, got {self.transfer_score_samples}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +333,67 @@ def accuracy_score_fn(
             condition_batchnorm(net, bn_data)
         net.eval()
         return float((net(x).argmax(-1) == y).float().mean())
+
+    return score_fn
+
+
+def _head_input(net: nn.Module, x: Tensor) -> Tensor:
+    """The input of ``net``'s head (its last ``nn.Linear``, as :func:`~sane_hf.sampling.reset_head` finds it)."""
+    heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear head: the target score reads the head's input")
+    seen: list[Tensor] = []
+    hook = heads[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        net(x)
+    finally:
+        hook.remove()
+    return seen[-1].flatten(1)  # (n, features)
+
+
+def nearest_mean_loo_accuracy(features: Tensor, labels: Tensor) -> float:
+    """Leave-one-out accuracy of a nearest-class-mean classifier on standardised ``features``.
+
+    Each image is classified by the nearest class mean computed *without* it, so the score needs
+    no training and no held-out split; a class with one image cannot be predicted for that image.
+    """
+    f = features.double()
+    f = (f - f.mean(0)) / f.std(0, unbiased=False).clamp(min=1e-8)  # (n, k)
+    classes = torch.unique(labels)
+    onehot = (labels[:, None] == classes[None, :]).double()  # (n, C)
+    counts = onehot.sum(0)  # (C,)
+    sums = onehot.T @ f  # (C, k)
+    # mean of each class without image i (only its own class changes)
+    own = onehot.bool()
+    means = sums[None, :, :].expand(len(f), -1, -1).clone()  # (n, C, k)
+    n_c = counts[None, :].expand(len(f), -1).clone()  # (n, C)
+    means[own] -= f
+    n_c[own] -= 1
+    dist = ((f[:, None, :] - means / n_c.clamp(min=1)[..., None]) ** 2).sum(-1)  # (n, C)
+    dist[n_c == 0] = math.inf
+    pred = classes[dist.argmin(1)]
+    return float((pred == labels).double().mean())
+
+
+def target_score_fn(
+    build: Callable[[], nn.Module], x: Tensor, y: Tensor, bn_data: Tensor | None = None
+) -> Callable[[Mapping[str, Tensor]], float]:
+    """``score_fn(state_dict)`` for a *new* task from a few labelled images ``(x, y)``.
+
+    The source task's head says nothing about new classes, so the score reads the features the
+    head receives: the leave-one-out nearest-class-mean accuracy of ``build()`` loaded with the
+    state_dict (BatchNorm conditioned on ``bn_data``, images of the new task) on ``(x, y)``
+    (:func:`nearest_mean_loo_accuracy`). Higher is better.
+    """
+
+    @torch.no_grad()
+    def score_fn(state_dict: Mapping[str, Tensor]) -> float:
+        net = build()
+        net.load_state_dict(state_dict, strict=True)
+        if bn_data is not None and _has_batchnorm(net):
+            condition_batchnorm(net, bn_data)
+        net.eval()
+        return nearest_mean_loo_accuracy(_head_input(net, x), y)
 
     return score_fn
 
@@ -623,16 +706,23 @@ def run_sampling(
         else:
             n = config.score_samples
             score_fn = accuracy_score_fn(setup.build, setup.task.x_train[:n], setup.task.y_train[:n], setup.bn_data)
-    candidates = config.candidates if score_fn is not None else None
-    samples = sample_models(
+    samples = _draw(model, tokenizer, setup, config, score_fn, config.bootstrap_rounds, progress)
+    return setup, samples
+
+
+def _draw(
+    model: Any, tokenizer: Any, setup: SamplingSetup, config: SamplingEvalConfig,
+    score_fn: Callable[[Mapping[str, Tensor]], float] | None, bootstrap_rounds: int, progress: bool, seed_offset: int = 0,
+) -> list[Any]:
+    """:func:`~sane_hf.sampling.sample_models` around the setup's prompts with ``config``'s settings and ``score_fn``."""
+    return sample_models(
         model, tokenizer, setup.prompt_sds, config.num_samples, mode=config.mode, bandwidth=config.bandwidth,
         bandwidth_scale=config.bandwidth_scale, score_fn=score_fn,
-        bootstrap_rounds=config.bootstrap_rounds if score_fn is not None else 0,
-        keep_top=config.keep_top, candidates=candidates, seed=config.seed, window=config.window,
-        halo=config.halo, batch_size=config.batch_size, progress=progress, spread_anchors=config.spread_anchors,
-        residual=config.residual,
+        bootstrap_rounds=bootstrap_rounds if score_fn is not None else 0,
+        keep_top=config.keep_top, candidates=config.candidates if score_fn is not None else None,
+        seed=config.seed + seed_offset, window=config.window, halo=config.halo, batch_size=config.batch_size,
+        progress=progress, spread_anchors=config.spread_anchors, residual=config.residual,
     )
-    return setup, samples
 
 
 def prompt_metrics(setup: SamplingSetup) -> dict[str, Any]:
@@ -843,16 +933,43 @@ def evaluate_sampling(
             build(num_classes=ttask.num_classes, seed=config.seed * 100_003 + 50_000 + i, init="kaiming-uniform").eval()
             for i in range(len(samples))
         ]
-        with _bar(progress, 2 * len(samples) + len(prompt_nets), f"transfer to {ttask.name} (models)") as bar:
+        transfer_nets, transfer_noise, target_info = sample_nets, noise_nets, {}
+        if config.transfer_score == "target":
+            n = config.transfer_score_samples
+            score_new = target_score_fn(build, ttask.x_train[:n], ttask.y_train[:n], ttask.x_train[: config.bn_samples])
+            target_samples = _draw(
+                model, tokenizer, setup, config, score_new, config.transfer_bootstrap_rounds, progress, seed_offset=1
+            )
+            target_sds = [s.state_dict for s in target_samples]
+            transfer_nets = [setup.load(sd) for sd in target_sds]
+            noisy, _, _ = matched_noise(
+                target_sds, setup.prompt_sds, spec, keys, torch.Generator().manual_seed(config.seed + 2)
+            )
+            transfer_noise = [setup.load(sd) for sd in noisy]
+            target_info = {
+                "score_images": int(min(n, len(ttask.y_train))),
+                "scores": [s.score for s in target_samples],
+                "rounds": [s.round for s in target_samples],
+                "prompt_scores": [score_new(sd) for sd in setup.prompt_sds],
+            }
+        transfer_groups = {
+            "sampled": head_reset(transfer_nets, 0),
+            "random_init": t_random,
+            "prompts": head_reset(prompt_nets, 10_000),
+            "noise": head_reset(transfer_noise, 30_000),
+        }
+        if config.transfer_score == "target":
+            transfer_groups["sampled_source_score"] = head_reset(sample_nets, 20_000)
+        total = sum(len(v) for v in transfer_groups.values())
+        with _bar(progress, total, f"transfer to {ttask.name} (models)") as bar:
             transfer_acc = {
-                "sampled": _curve(head_reset(sample_nets, 0), ttask, t_epochs, lr, seed, bar),
-                "random_init": _curve(t_random, ttask, t_epochs, lr, seed, bar),
-                "prompts": _curve(head_reset(prompt_nets, 10_000), ttask, t_epochs, lr, seed, bar),
+                name: _curve(nets, ttask, t_epochs, lr, seed, bar) for name, nets in transfer_groups.items()
             }
         last = str(config.transfer_epochs)
         transfer = {
             "task": ttask.name, "description": description, "fallback": fallback, "epochs": config.transfer_epochs,
-            "train_images": int(len(ttask.y_train)), "accuracy": transfer_acc,
+            "train_images": int(len(ttask.y_train)), "score": config.transfer_score, **target_info,
+            "accuracy": transfer_acc,
             "gain_over_random_init": _gain(transfer_acc["sampled"][last], transfer_acc["random_init"][last]),
         }
         t = lap("transfer", t)

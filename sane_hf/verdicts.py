@@ -54,6 +54,7 @@ GROUP_NAMES = {
     "noise_matched_accuracy": "prompts + noise (matched accuracy)",
     "aligned_average": "aligned prompt average",
     "prompts": "prompt models",
+    "sampled_source_score": "SANE samples ranked on the source task",
 }
 #: Zoo properties (columns) as a sentence names them.
 PROPERTY_NAMES = {
@@ -294,7 +295,15 @@ def transfer_verdict(transfer: Mapping[str, Any] | None, *, digits: int = 2) -> 
     sign = _order(gain, 0.0, digits)
     word = {1: f"beat random init by {_show(gain, digits, sign=True)}",
             -1: f"trail random init by {_show(gain, digits, sign=True)}", 0: "match random init"}[sign]
-    text = f"On transfer to {target}, SANE samples (head reset) {word} {_short_epoch(epochs)}."
+    ranked = " ranked on the new task" if transfer.get("score") == "target" else ""
+    text = f"On transfer to {target}, SANE samples{ranked} (head reset) {word} {_short_epoch(epochs)}."
+    acc = transfer["accuracy"]
+    sampled = _number(((acc.get("sampled") or {}).get(str(epochs)) or {}).get("mean"))
+    for group in ("noise", "prompts"):
+        other = _number(((acc.get(group) or {}).get(str(epochs)) or {}).get("mean"))
+        if sampled is not None and other is not None:
+            verb = {1: "beat", -1: "trail", 0: "match"}[_order(sampled, other, digits)]
+            text += f" They {verb} {group_name(group)} ({_show(sampled, digits)} vs {_show(other, digits)})."
     if transfer.get("fallback"):
         text += (" WARNING: no other task was installed, so this is the fallback — the zoo's own task with "
                  "permuted labels, a weak stand-in for a new task (install Fashion-MNIST or MNIST for a real one).")

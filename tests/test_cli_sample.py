@@ -26,7 +26,8 @@ def test_sample_evaluate_writes_metrics_png_and_samples(zoo_and_model, capsys):
     out = root / "eval"
     args = ["sample", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(out),
             "--num-samples", "2", "--evaluate", "--finetune-epochs", "0,1", "--max-neighbours", "4",
-            "--transfer-train-subset", "128", "--bn-samples", "64", "--candidates", "3", "--no-progress"]
+            "--transfer-train-subset", "128", "--bn-samples", "64", "--candidates", "3", "--no-progress",
+            "--transfer-score-samples", "40", "--transfer-bootstrap-rounds", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "random init" in printed and "nearest training checkpoint" in printed and "random_init" not in printed
@@ -47,7 +48,13 @@ def test_sample_evaluate_writes_metrics_png_and_samples(zoo_and_model, capsys):
     assert novelty["noise"]["prompt_distance"] == novelty["sampled"]["prompt_distance"]
     transfer = metrics["transfer"]
     assert transfer is not None and transfer["epochs"] == 1 and math.isfinite(transfer["gain_over_random_init"])
-    assert set(transfer["accuracy"]) == {"sampled", "random_init", "prompts"}
+    assert set(transfer["accuracy"]) == {"sampled", "random_init", "prompts", "noise", "sampled_source_score"}
+    # the transfer samples were drawn again and ranked on 40 labelled images of the new task, with one refit
+    assert transfer["score"] == "target" and transfer["score_images"] == 40
+    t_scores = transfer["scores"]
+    assert len(t_scores) == 2 and t_scores[0] >= t_scores[1] and all(round(v * 40) == v * 40 for v in t_scores)
+    assert set(transfer["rounds"]) <= {0, 1} and len(transfer["prompt_scores"]) == len(metrics["prompts"]["model_ids"])
+    assert "ranked on the new task" in printed
     scores = metrics["sampling"]["scores"]
     assert len(scores) == 2 and scores[0] >= scores[1]
 

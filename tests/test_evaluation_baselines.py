@@ -34,3 +34,38 @@ def test_noise_is_anchored_at_each_samples_nearest_prompt_at_its_distance():
         assert d <= to_sample + 1e-6  # aligned distance: never more than the unaligned one
         assert math.isclose(to_noise, d, rel_tol=1e-5)  # noise exactly as far from the same prompt
     assert len({id(n) for n in noisy}) == len(samples) and noisy[0][keys[0]].shape == prompts[0][keys[0]].shape
+
+
+def test_nearest_mean_loo_accuracy_by_hand():
+    from sane_hf.evaluation import nearest_mean_loo_accuracy
+
+    x = torch.tensor([[0.0], [0.1], [1.0], [1.1], [0.05]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    # without itself, image 4 (class 1 at 0.05) is nearer class 0's mean (0.05) than class 1's (1.05): 4 of 5
+    assert nearest_mean_loo_accuracy(x, y) == 0.8
+    assert nearest_mean_loo_accuracy(x[:4], y[:4]) == 1.0
+    # a class with a single image cannot be predicted for that image
+    assert nearest_mean_loo_accuracy(torch.tensor([[0.0], [0.1], [5.0]]), torch.tensor([0, 0, 1])) == 2 / 3
+
+
+def test_target_score_reads_the_features_the_head_receives():
+    from sane_hf.evaluation import nearest_mean_loo_accuracy, target_score_fn
+
+    def build():
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    sd = _mlp(3)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=gen), torch.arange(30) % 5  # a new task with 5 classes; the head has 3
+    net = build()
+    net.load_state_dict(sd)
+    features = torch.relu(net[0](x)).detach()
+    assert target_score_fn(build, x, y)(sd) == nearest_mean_loo_accuracy(features, y)
+    # ranking follows the features: a network whose hidden units carry the labels scores 1.0
+    good = {k: v.clone() for k, v in sd.items()}
+    good["0.weight"] = torch.zeros(6, 4)
+    good["0.bias"] = torch.zeros(6)
+    x2 = torch.zeros(30, 4)
+    x2[:, 0] = y.float()  # the label is the first input
+    good["0.weight"][0, 0] = 1.0
+    assert target_score_fn(build, x2, y)(good) == 1.0
