@@ -80,6 +80,7 @@ __all__ = [
     "aligned_average",
     "noise_like",
     "matched_noise",
+    "evaluation_spec",
     "target_score_fn",
     "nearest_mean_loo_accuracy",
     "calibrate_noise",
@@ -481,6 +482,18 @@ def _distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Sequence[s
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
 
+def evaluation_spec(build: Callable[[], nn.Module], example: Tensor) -> Any:
+    """The permutation spec distances are aligned with: derived from ``build()``'s graph on ``example``.
+
+    Not strict: an operation the graph walker does not know (e.g. ``x.unsqueeze(1)`` in your own
+    module) keeps its channels in place instead of failing the evaluation, so distances are then
+    aligned over fewer permutations — an upper bound of the fully aligned distance.
+    """
+    from sane_hf.alignment import permutation_spec
+
+    return permutation_spec(build(), example, strict=False)
+
+
 def nearest_neighbours(
     state_dicts: Sequence[Mapping[str, Tensor]],
     neighbours: Sequence[Mapping[str, Tensor]],
@@ -803,7 +816,6 @@ def evaluate_sampling(
     ``build``/``task``: your architecture and task callables, when the zoo does not record them
     as entry points (:mod:`sane_hf.zoo.custom`). Nothing is written when a step fails.
     """
-    from sane_hf.alignment import permutation_spec
     from sane_hf.zoo.dataset import state_dict_from_bytes, zoo_model
     from sane_hf.zoo.train import evaluate_model
 
@@ -824,7 +836,7 @@ def evaluate_sampling(
     )
     t = lap("sampling", t)
     task, build, keys = setup.task, setup.build, setup.param_keys
-    spec = permutation_spec(build(), task.x_train[:2])
+    spec = evaluation_spec(build, task.x_train[:2])
     sample_sds = [s.state_dict for s in samples]
     sample_nets = [setup.load(sd) for sd in sample_sds]
     prompt_nets = [setup.load(sd, condition=False) for sd in setup.prompt_sds]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,3 +70,30 @@ def test_target_score_reads_the_features_the_head_receives():
     x2[:, 0] = y.float()  # the label is the first input
     good["0.weight"][0, 0] = 1.0
     assert target_score_fn(build, x2, y)(good) == 1.0
+
+
+def test_evaluation_spec_tolerates_operations_the_walker_does_not_know():
+    """A user's module with ``x.unsqueeze(1)`` (a 1-D CNN on raw signals) still gets aligned distances."""
+    from sane_hf.alignment import UnsupportedOperationError
+    from sane_hf.evaluation import evaluation_spec, nearest_neighbours
+
+    class SignalCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x.unsqueeze(1))).mean(-1))
+
+    x = torch.randn(2, 8)
+    with pytest.raises(UnsupportedOperationError, match="unsqueeze"):
+        permutation_spec(SignalCNN(), x)  # strict: the walker refuses
+    spec = evaluation_spec(SignalCNN, x)
+    torch.manual_seed(0)
+    a, b = SignalCNN().state_dict(), SignalCNN().state_dict()
+    keys = list(a)
+    dists, index = nearest_neighbours([a], [b, a], spec, keys)
+    assert index == [1] and dists[0] == 0.0  # itself is its nearest neighbour, at distance 0
+    direct = math.sqrt(sum(float((a[k] - b[k]).double().pow(2).sum()) for k in keys))
+    assert nearest_neighbours([a], [b], spec, keys)[0][0] <= direct + 1e-9  # alignment never adds distance
