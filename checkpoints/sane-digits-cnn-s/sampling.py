@@ -36,10 +36,17 @@ The recipe of Schürholt et al. (2024, arXiv 2406.09997, §3.3), step by step:
    sample), de-normalised by the tokenizer and turned into state_dicts that load with
    ``load_state_dict(strict=True)`` into the prompts' architecture.
 4. **Subsampling.** With ``score_fn(state_dict) -> float`` (higher is better, e.g. accuracy on a
-   few training batches), ``candidates`` samples are drawn and the best are kept.
+   few training batches), ``candidates`` samples are drawn and the best are kept — by default
+   spread over the prompts (``spread_anchors=True``: each prompt's best candidate, then each
+   one's second best, ...). Joint-mode draws are balanced: every prompt anchors
+   ``⌊candidates/P⌋`` or ``⌈candidates/P⌉`` of them. Taking the globally best instead
+   (``spread_anchors=False``) was seen to put all 16 samples on one prompt, nearly identical.
+   :func:`sample_diversity` reports the samples' mean pairwise distance beside the prompts' and
+   how many samples each prompt anchored.
 5. **Bootstrapping.** ``bootstrap_rounds`` more rounds refit the KDE on the ``keep_top`` best
-   latents found so far and draw ``candidates`` again; the best ``num_samples`` of *all* rounds
-   are returned, so the result is never worse than round 0.
+   latents found so far (spread likewise) and draw ``candidates`` again; the best
+   ``num_samples`` of *all* rounds are returned, so each prompt's samples are never worse than
+   its round-0 ones.
 
 Randomness: one ``numpy.random.Generator`` seeded by ``seed`` draws, in order, the anchor indices
 of each round and one 63-bit seed per round; candidate ``i`` of round ``r`` draws its noise from
@@ -96,6 +103,7 @@ __all__ = [
     "decode_latents",
     "map_token_positions",
     "sample_models",
+    "sample_diversity",
     "condition_batchnorm",
     "reset_head",
 ]
@@ -243,9 +251,17 @@ class LatentKDE:
         return self.anchors.shape[0]
 
     def sample_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Anchor indices: ``(n,)`` in joint mode, ``(n, N)`` in token mode (one per position)."""
+        """Anchor indices: ``(n,)`` in joint mode, ``(n, N)`` in token mode (one per position).
+
+        Joint mode without weights draws the anchors *balanced*: every anchor ``⌊n/P⌋`` or
+        ``⌈n/P⌉`` times, in random order (shuffled rounds over all anchors) — the KDE's uniform
+        choice of anchor without the chance of leaving one out or piling draws on another.
+        """
         size = (n,) if self.mode == "joint" else (n, self.anchors.shape[1])
         if self.weights is None:
+            if self.mode == "joint":
+                rounds = -(-n // self.num_anchors)
+                return np.concatenate([rng.permutation(self.num_anchors) for _ in range(rounds)])[:n]
             return rng.integers(0, self.num_anchors, size=size)
         return rng.choice(self.num_anchors, size=size, p=self.weights)
 
@@ -510,12 +526,14 @@ class _Decoder:
                 torch.tensor(std, dtype=torch.float32)[layers],
             )
 
-    def __call__(self, latents: Tensor) -> list[OrderedDict[str, Tensor]]:
+    def __call__(self, latents: Tensor, shift: Tensor | None = None) -> list[OrderedDict[str, Tensor]]:
         if self.gather is not None:
             latents = latents[:, self.gather]  # (S, N_s, D) -> (S, N_t, D)
         tokens = decode_latents(
             self.model, latents, self.positions, window=self.window, halo=self.halo, batch_size=self.batch_size
         )  # (S, N_t, d)
+        if shift is not None:  # residual decoding: + (prompt tokens - their reconstruction), normalised units
+            tokens = tokens + shift
         num = tokens.shape[0]
         mask = self.mask.expand(num, *self.mask.shape)
         positions = self.positions.expand(num, *self.positions.shape)
@@ -540,6 +558,33 @@ class _Candidate:
     def key(self) -> tuple[float, int]:
         s = self.score if self.score is not None and math.isfinite(self.score) else -math.inf
         return (-s, self.order)
+
+    @property
+    def anchor(self) -> int:
+        """The prompt this candidate descends from (most of its token positions)."""
+        (root, _), = Counter(self.root.tolist()).most_common(1)
+        return int(root)
+
+
+def _select(pool: list[_Candidate], k: int, spread: bool) -> list[_Candidate]:
+    """The ``k`` best candidates, best first; with ``spread``, taken round-robin over their anchors.
+
+    Spread: every anchor's best candidate first (anchors ordered by their best score), then every
+    anchor's second best, and so on — so a score cannot pile all samples onto the best prompt.
+    """
+    ranked = sorted(pool, key=_Candidate.key)
+    if not spread or k >= len(ranked):
+        return ranked[:k]
+    groups: dict[int, list[_Candidate]] = {}
+    for c in ranked:
+        groups.setdefault(c.anchor, []).append(c)
+    order = list(groups.values())  # dicts keep insertion order: anchors by their best candidate
+    chosen: list[_Candidate] = []
+    for level in range(max(len(g) for g in order)):
+        for g in order:
+            if level < len(g) and len(chosen) < k:
+                chosen.append(g[level])
+    return sorted(chosen, key=_Candidate.key)
 
 
 def _fit_kde(anchors: np.ndarray, mode: str, bandwidth, scale: float, previous: LatentKDE | None) -> LatentKDE:
@@ -598,6 +643,8 @@ def sample_models(
     batch_size: int = 32,
     return_latents: bool = False,
     progress: bool = False,
+    spread_anchors: bool = True,
+    residual: bool = False,
 ) -> list[SampledModel]:
     """Sample new models around prompt models in SANE's latent space (module docstring: the recipe).
 
@@ -624,6 +671,17 @@ def sample_models(
             model config's; ``batch_size`` changes speed, not results).
         return_latents: keep each sample's latents in :attr:`SampledModel.latents`.
         progress: progress bar over candidates.
+        spread_anchors: keep samples spread over the prompts: with a ``score_fn`` the best
+            candidates are taken round-robin over their anchors (each anchor's best, then each
+            one's second best, ...), for the returned samples and for bootstrap anchors alike;
+            False takes the globally best (which can put every sample on the best prompt).
+            Joint-mode draws are balanced over the anchors either way.
+        residual: decode each draw as ``decode(z) + (prompt − decode(encode(prompt)))`` per token
+            position, with the prompt that position was drawn around: the sampled change is the
+            decoder's, the rest is the prompt's own weights rather than its reconstruction. With a
+            perfect autoencoder this equals plain decoding; with an imperfect one plain decoding
+            pulls every sample toward the decoder's mean (collapse), residual decoding keeps the
+            prompts' identity (samples then sit close to their prompts: see the novelty metrics).
 
     Returns:
         ``num_samples`` :class:`SampledModel`, best score first (draw order without ``score_fn``).
@@ -663,9 +721,16 @@ def sample_models(
             raise TypeError(f"target_tokenizer must be a WeightTokenizer, got {type(target_tokenizer).__name__}")
         _check_tokenizer(model, target_tokenizer, "target_tokenizer")
 
+    if residual and target_tokenizer is not None:
+        raise ValueError("residual=True keeps each prompt's own weights and cannot map them to a target_tokenizer")
     anchors = encode_prompts(model, tokenizer, prompts, window=window, halo=halo, batch_size=batch_size)  # (P, N, D)
     num_prompts, num_tokens, _ = anchors.shape
     decoder = _Decoder(model, tokenizer, target_tokenizer, window, halo, batch_size)
+    residual_tokens = None
+    if residual:  # prompt tokens - decode(encode(prompt)), normalised: (P, N, d)
+        true = tokenizer.encode_batch(as_state_dicts(prompts), normalize=True).tokens.float()
+        rebuilt = decode_latents(model, anchors, decoder.positions, window=window, halo=halo, batch_size=batch_size)
+        residual_tokens = (true - rebuilt) * decoder.mask  # padding stays 0
     rng = np.random.default_rng(seed)
 
     from tqdm.auto import tqdm
@@ -679,7 +744,7 @@ def sample_models(
     with tqdm(total=candidates * (bootstrap_rounds + 1), desc="sampling", unit="model", disable=not progress) as bar:
         for round_ in range(bootstrap_rounds + 1):
             if round_ > 0:
-                best = sorted(pool, key=_Candidate.key)[:keep_top]
+                best = _select(pool, keep_top, spread_anchors)
                 anchor_latents = np.stack([c.latents.numpy() for c in best]).astype(np.float64)
                 anchor_roots = np.stack([np.broadcast_to(c.root, (num_tokens,)) for c in best])
             kde = _fit_kde(anchor_latents, mode, bandwidth, bandwidth_scale, kde if round_ > 0 else None)
@@ -694,23 +759,26 @@ def sample_models(
                     for i in ids
                 ])  # (c, N, D)
                 z = torch.from_numpy(kde.latents_for(indices[start : start + len(ids)], noise).astype(np.float32))
-                sds = decoder(z)
+                roots = np.stack([
+                    anchor_roots[indices[i]] if mode == "joint" else anchor_roots[indices[i], np.arange(num_tokens)]
+                    for i in ids
+                ])  # (c, N) prompt per position
+                shift = None
+                if residual_tokens is not None:  # (c, N, d): each position's prompt minus its reconstruction
+                    shift = residual_tokens[torch.from_numpy(roots), torch.arange(num_tokens)[None, :]]
+                sds = decoder(z, shift)
                 for offset, (i, sd) in enumerate(zip(ids, sds)):
                     score = _call_score_fn(score_fn, sd, round_, i) if score_fn is not None else None
-                    idx = indices[i]
-                    if mode == "joint":
-                        root = anchor_roots[idx]  # (N,)
-                    else:
-                        root = anchor_roots[idx, np.arange(num_tokens)]  # (N,)
+                    root = roots[offset]
                     pool.append(
                         _Candidate(score, round_, i, order, np.asarray(root), kde.bandwidth, z[offset].clone(), sd)
                     )
                     order += 1
                 if score_fn is not None and len(pool) > keep:
-                    pool = sorted(pool, key=_Candidate.key)[:keep]
+                    pool = _select(pool, keep, spread_anchors)
                 bar.update(len(ids))
 
-    chosen = sorted(pool, key=_Candidate.key)[:num_samples] if score_fn is not None else pool[:num_samples]
+    chosen = _select(pool, num_samples, spread_anchors) if score_fn is not None else pool[:num_samples]
     out = []
     for c in chosen:
         (root, count), = Counter(c.root.tolist()).most_common(1)
@@ -721,6 +789,69 @@ def sample_models(
             )
         )
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# diversity
+# ----------------------------------------------------------------------------------------------
+
+_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _mean_pairwise_distance(state_dicts: list[Mapping[str, Tensor]], keys: list[str]) -> float | None:
+    """Mean L2 distance over ``keys`` between all pairs (Gram matrix accumulated key by key)."""
+    n = len(state_dicts)
+    if n < 2:
+        return None
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for k in keys:
+        x = torch.stack([sd[k].detach().reshape(-1).to("cpu", torch.float64) for sd in state_dicts])  # (n, numel)
+        gram += x @ x.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).sqrt()  # (n, n)
+    iu = torch.triu_indices(n, n, offset=1)
+    return float(dist[iu[0], iu[1]].mean())
+
+
+def sample_diversity(
+    samples: Any, prompts: Any, *, keys: list[str] | None = None, num_prompts: int | None = None
+) -> dict[str, Any]:
+    """How spread out samples are, beside their prompts: pairwise distances and the anchor histogram.
+
+    Args:
+        samples: the sampled models (:class:`SampledModel`) or their state_dicts.
+        prompts: the prompts' state_dicts (or anything :func:`as_state_dicts` takes).
+        keys: the tensors compared (default: the floating-point ones, BatchNorm statistics excluded).
+        num_prompts: length of the histogram (default ``len(prompts)``).
+
+    Returns:
+        ``{"samples_mean_pairwise_distance", "prompts_mean_pairwise_distance", "ratio",
+        "anchor_histogram", "anchors_used", "num_samples", "num_prompts"}``: the mean L2 distance
+        over ``keys`` between every two samples and every two prompts (not permutation-aligned),
+        their ratio (samples / prompts; near 0 means the samples collapsed onto one model), and
+        how many samples each prompt anchored (SampledModel inputs only, else None).
+    """
+    sample_sds = [s.state_dict if isinstance(s, SampledModel) else s for s in samples]
+    prompt_sds = as_state_dicts(prompts)
+    reference = sample_sds[0] if sample_sds else prompt_sds[0]
+    if keys is None:
+        keys = [k for k, v in reference.items() if v.is_floating_point() and not k.endswith(_STAT_SUFFIXES)]
+    d_samples = _mean_pairwise_distance(sample_sds, keys)
+    d_prompts = _mean_pairwise_distance(prompt_sds, keys)
+    histogram = None
+    if samples and all(isinstance(s, SampledModel) for s in samples):
+        histogram = [0] * (num_prompts if num_prompts is not None else len(prompt_sds))
+        for s in samples:
+            histogram[s.anchor_index] += 1
+    return {
+        "samples_mean_pairwise_distance": d_samples,
+        "prompts_mean_pairwise_distance": d_prompts,
+        "ratio": d_samples / d_prompts if d_samples is not None and d_prompts else None,
+        "anchor_histogram": histogram,
+        "anchors_used": None if histogram is None else sum(1 for h in histogram if h),
+        "num_samples": len(sample_sds),
+        "num_prompts": len(prompt_sds),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,18 +19,19 @@ last dot into a module prefix and a suffix, and the keys of one prefix are group
    Linear, conv (any dims), embedding (one row per vocabulary entry) and attention projections
    all follow this rule.
 2. A 1-D ``weight`` with a 1-D ``bias`` of the same length (BatchNorm, LayerNorm, GroupNorm
-   affine parameters) → a ``"norm"`` layer with **rows of 2** values ``(weight, bias)`` per
-   channel. A lone 1-D ``weight`` of a norm module (e.g. RMSNorm; known only when an
-   ``nn.Module`` is given) is a ``"norm"`` layer with rows of 1.
+   affine parameters) → a ``"norm"`` layer with 2 values ``(weight, bias)`` per channel,
+   several channels packed into one row (see *Packing*). A lone 1-D ``weight`` of a norm module
+   (e.g. RMSNorm; known only when an ``nn.Module`` is given) is a ``"norm"`` layer with 1 value
+   per channel.
 3. ``running_mean`` + ``running_var`` (1-D, same length) → their own ``"norm_stats"`` layer with
-   rows of 2 ``(mean, var)`` per channel when ``include_norm_stats=True``. When it is False they
-   are **not tokenized** and ``decode`` restores the values of a freshly built BatchNorm
+   2 values ``(mean, var)`` per channel (packed) when ``include_norm_stats=True``. When it is
+   False they are **not tokenized** and ``decode`` restores the values of a freshly built BatchNorm
    (mean 0, var 1): statistics are a property of data, not of one reference model, and the
    sampler re-estimates them on data (batch-norm conditioning). Storing a reference model's
    statistics would silently hand every decoded model someone else's normalisation.
 4. Any other float tensor: ≥ 2 dims → a ``"weight"`` layer without bias column (rows
-   ``[shape[0], -1]``); 1-D → a ``"vector"`` layer with one value per row (one row per
-   channel, as for biases). Rank-0 float tensors are rejected (a scalar has no rows).
+   ``[shape[0], -1]``); 1-D → a ``"vector"`` layer with one value per channel (packed, as for
+   norm layers). Rank-0 float tensors are rejected (a scalar has no rows).
 5. Non-float tensors (``num_batches_tracked``, ``position_ids``, bool masks) and empty float
    tensors are **buffers**: their values are stored in the spec and restored by ``decode``, never
    tokenized. Decoding therefore returns the *reference's* value of an integer buffer (e.g.
@@ -45,6 +46,16 @@ zero-padded; ``mask`` is True on real values. Positions per token are ``(n, l, k
 index, layer index (into :attr:`WeightTokenizer.layers`), row index within the layer (all tokens of
 one row share ``k``).
 
+*Packing (format 2).* Norm, norm-stats and vector layers hold a handful of values per channel
+(2 for BatchNorm's ``(weight, bias)``), so one row per channel would leave tokens almost all
+padding (a ResNet-18 at token size 288: 9,600 of its 48,724 tokens were ~99 % padding). Such a
+layer packs ``p = token_size // row_length`` channels side by side into one row — channel ``c``
+sits in row ``k = c // p`` at columns ``(c % p)·row_length ...`` — and its last row holds the
+remaining channels. ``LayerSpec.channels_per_row`` (``p``) and ``num_channels`` record this, so the
+layout is still exact and self-describing; weight layers keep one row per output channel.
+``from_reference(..., pack_channels=False)`` builds the unpacked layout, and tokenizers saved in
+format 1 (no packing) load with their old layout and decode exactly as before.
+
 *Dtypes.* Tokens are float32. float32, float16 and bfloat16 tensors are held exactly (both half
 formats embed into float32). float64 is rejected with an error saying how to convert: float32
 cannot hold it exactly, and a silent rounding would break the lossless promise. Complex and
@@ -56,12 +67,16 @@ mean of the per-model variances; a layer with zero spread gets ``std = 1``).
 ``encode(..., normalize=True)`` applies ``(x - mean) / std`` to real values (padding stays 0) and
 ``decode`` undoes it, exact to float32 round-off.
 
-*Speed.* Per spec, a copy plan (for each layer: its token slice viewed as ``[rows, tokens_per_row
-· token_size]`` and each key's column range) plus the mask and positions are computed once.
-Encoding is then one strided tensor copy per key (plus one zeroing of each layer's padding
-columns), decoding one copy per key out of the tokens — no per-element or per-row Python, and no
-parameter-sized index tensor (an int64 index map for BERT-base would take 880 MB). On one core
-this runs at ~300 M params/s (ResNet-18: ~35 ms for encode + decode; benchmarks/bench_tokenizer.py).
+*Speed.* Per spec, a copy plan (for each key: the strided block of the flat token buffer its
+values occupy — ``(rows, cols)`` with the row stride, or ``(rows, p, cols)`` for a packed layer —
+and the padding blocks to zero) plus the mask and positions are computed once. Encoding is then
+one ``as_strided`` copy per key and block (a packed layer's partial last row is a second block)
+plus the padding zeroing, decoding one copy per key out of the tokens — no per-element or
+per-row Python, and no parameter-sized index tensor (an int64 index map for BERT-base would take
+880 MB). Large CPU outputs are allocated through numpy for transparent huge pages (first-touch
+page faults dominated a fresh output); ``encode(..., out=buffer)`` and ``decode(..., out=model)``
+write into preallocated tensors instead. ``benchmarks/bench_tokenizer.py`` reports GB/s against a
+copy-bound baseline (``torch.cat`` of all tensors and back) and the SANE reference code.
 
 Example::
 
@@ -103,7 +118,15 @@ __all__ = [
 ]
 
 TOKENIZER_FILE = "weight_tokenizer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed norm/norm-stats/vector layers (LayerSpec.channels_per_row); 1 still loads
+
+_PACKED_KINDS = ("norm", "norm_stats", "vector")  # per-channel 1-D values that format 2 packs
+# Outputs at least this large are allocated through numpy, which asks the kernel for transparent
+# huge pages (madvise): first-touch page faults of a fresh 56 MB token buffer took ~35 ms with
+# torch's allocator vs ~19 ms this way on the 2-core benchmark machine (the copy itself: ~6 ms).
+_HUGE_ALLOC_BYTES = 4 << 20
+# numpy word types of the same size (numpy has no bfloat16: 16-bit words, viewed as bfloat16)
+_NUMPY_WORDS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "int16", torch.bool: "bool_"}
 
 _LAYER_KINDS = ("weight", "norm", "norm_stats", "vector")
 _ROLES = ("tokenized", "buffer", "excluded")
@@ -247,11 +270,16 @@ class LayerSpec:
         kind: ``"weight"`` (≥2-D weight, optional bias column), ``"norm"`` (1-D weight+bias of a
             norm layer), ``"norm_stats"`` (running mean+var) or ``"vector"`` (a lone 1-D tensor).
         token_start, token_end: the layer's tokens are ``token_start:token_end``.
-        num_rows: rows (output channels).
-        row_length: real values per row (``sum(columns)``).
-        tokens_per_row: ``ceil(row_length / token_size)``.
-        columns: values each key contributes per row, aligned with ``keys``.
+        num_rows: rows along the ``k`` axis: one per output channel, or one per group of
+            ``channels_per_row`` channels in a packed layer.
+        row_length: real values per channel (``sum(columns)``).
+        tokens_per_row: ``ceil(channels_per_row · row_length / token_size)``.
+        columns: values each key contributes per channel, aligned with ``keys``.
         module_type: class name of the module owning the keys, when built from an ``nn.Module``.
+        channels_per_row: channels laid side by side in one row (format 2 packs norm, norm-stats
+            and vector layers this way; 1 otherwise and in format 1).
+        num_channels: output channels (dim 0 of every key); ``num_rows = ceil(num_channels /
+            channels_per_row)``. None when loading format 1 (then equal to ``num_rows``).
     """
 
     name: str
@@ -264,6 +292,12 @@ class LayerSpec:
     tokens_per_row: int
     columns: tuple[int, ...]
     module_type: str | None = None
+    channels_per_row: int = 1
+    num_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_channels is None:  # format 1: one row per channel
+            object.__setattr__(self, "num_channels", self.num_rows)
 
     @property
     def num_tokens(self) -> int:
@@ -272,7 +306,12 @@ class LayerSpec:
     @property
     def num_values(self) -> int:
         """Real (non-padding) values in the layer."""
-        return self.num_rows * self.row_length
+        return self.num_channels * self.row_length
+
+    @property
+    def is_packed(self) -> bool:
+        """True when a row holds several channels (``channels_per_row > 1``)."""
+        return self.channels_per_row > 1
 
 
 @dataclass(frozen=True)
@@ -374,6 +413,11 @@ def _check_tensors(sd: Mapping[str, Any], what: str) -> None:
             raise TypeError(
                 f"{what}[{key!r}] is a {type(value).__name__}, not a torch.Tensor; "
                 "pass a flat state_dict of tensors (e.g. model.state_dict(), or the inner 'state_dict' of a checkpoint)"
+            )
+        if value.is_meta:
+            raise ValueError(
+                f"{what}[{key!r}] is a meta tensor (shape only, no values: the model was built on the 'meta' device "
+                "or its weights were never loaded); load the weights first"
             )
         if value.is_complex() or value.is_floating_point():
             _check_float(key, value)
@@ -479,24 +523,79 @@ def _buffer_spec(key: str, value: Tensor) -> TensorSpec:
 
 
 @dataclass(frozen=True)
+class _Strided:
+    """A block of the flat ``(N·d,)`` token buffer: ``tokens.as_strided(size, stride, offset)``."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True)
 class _Copy:
-    """Where one key's values live: layer slice ``[token_start:token_end]`` viewed as rows, columns ``c0:c1``."""
+    """Channels ``r0:r1`` of ``key`` (viewed as ``(channels, cols)``, reshaped to ``dst.size``) ⇄ ``dst``."""
 
     key: str
-    token_start: int
-    token_end: int
-    num_rows: int
-    row_width: int  # tokens_per_row * token_size
-    c0: int
-    c1: int
-    pad: bool = False  # last key of its layer and the rows end in padding: zero columns c1: after copying
+    r0: int
+    r1: int
+    cols: int
+    dst: _Strided
 
 
 @dataclass
 class _Plan:
     copies: list[_Copy] = field(default_factory=list)
+    by_key: dict[str, list[_Copy]] = field(default_factory=dict)
+    pads: list[_Strided] = field(default_factory=list)  # padding blocks, zeroed after the copies
     mask: Tensor | None = None  # (N, d) bool
     positions: Tensor | None = None  # (N, 3) int32
+
+
+def _layer_blocks(layer: LayerSpec, d: int) -> tuple[list[_Copy], list[_Strided], Tensor]:
+    """Copies, padding blocks and the ``(num_tokens, d)`` mask of one layer (offsets into the flat buffer).
+
+    Unpacked: the layer's tokens viewed as ``(rows, T·d)``, one row per channel, key ``j`` in
+    columns ``c0:c1``. Packed (``p`` channels per row, one token per row): the first
+    ``F = C // p`` rows viewed as ``(F, p, row_length)``, and a last row holding the remaining
+    ``C - F·p`` channels.
+    """
+    base, width, rl, p = layer.token_start * d, layer.tokens_per_row * d, layer.row_length, layer.channels_per_row
+    C = layer.num_channels
+    copies: list[_Copy] = []
+    pads: list[_Strided] = []
+    mask = torch.zeros(layer.num_rows, width, dtype=torch.bool)  # (rows, T*d)
+    full, rest = (C, 0) if p == 1 else divmod(C, p)
+    c0 = 0
+    for key, cols in zip(layer.keys, layer.columns):
+        if full:
+            if p == 1:  # (C, cols) in columns c0:c0+cols of each row
+                dst = _Strided((full, cols), (width, 1), base + c0)
+            else:  # (F, p, cols): channel slot s of row r starts at column s*rl
+                dst = _Strided((full, p, cols), (width, rl, 1), base + c0)
+            copies.append(_Copy(key, 0, full * p, cols, dst))
+        if rest:
+            dst = _Strided((rest, cols), (rl, 1), base + full * width + c0)
+            copies.append(_Copy(key, full * p, C, cols, dst))
+        c0 += cols
+    used = p * rl
+    if full and used < width:
+        pads.append(_Strided((full, width - used), (width, 1), base + used))
+    mask[:full, :used] = True
+    if rest:
+        pads.append(_Strided((width - rest * rl,), (1,), base + full * width + rest * rl))
+        mask[full, : rest * rl] = True
+    return copies, pads, mask.view(layer.num_tokens, d)
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty``, but large CPU buffers come from numpy (transparent huge pages: fewer page faults)."""
+    shape = tuple(shape)
+    words = _NUMPY_WORDS.get(dtype)
+    if device.type == "cpu" and words is not None and math.prod(shape) * dtype.itemsize >= _HUGE_ALLOC_BYTES:
+        import numpy as np
+
+        return torch.from_numpy(np.empty(shape, getattr(np, words))).view(dtype)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 class WeightTokenizer:
@@ -536,6 +635,7 @@ class WeightTokenizer:
         module_or_state_dict: nn.Module | Mapping[str, Tensor],
         token_size: int = 64,
         include_norm_stats: bool = True,
+        pack_channels: bool = True,
     ) -> WeightTokenizer:
         """A new tokenizer for the architecture of ``module_or_state_dict``.
 
@@ -546,6 +646,9 @@ class WeightTokenizer:
             token_size: values per token (``d``).
             include_norm_stats: tokenize BatchNorm running statistics (True) or leave them out
                 and restore them as mean 0 / var 1 on decode (False).
+            pack_channels: pack the per-channel values of norm, norm-stats and vector layers
+                ``token_size // row_length`` channels to a row (True, format 2), or keep one row
+                per channel as format 1 did (False).
         """
         module = module_or_state_dict if isinstance(module_or_state_dict, nn.Module) else None
         sd = _as_state_dict(module_or_state_dict, "module_or_state_dict")
@@ -560,14 +663,19 @@ class WeightTokenizer:
         for name, keys, kind, module_type in groups:
             if kind == "norm_stats" and not include_norm_stats:
                 continue
-            rows = sd[keys[0]].shape[0]
+            channels = sd[keys[0]].shape[0]
             columns = tuple(int(math.prod(sd[k].shape[1:])) for k in keys)
             row_length = sum(columns)
-            per_row = -(-row_length // token_size)
+            pack = max(1, token_size // row_length) if pack_channels and kind in _PACKED_KINDS else 1
+            rows = -(-channels // pack)
+            per_row = -(-(pack * row_length) // token_size)
             end = start + rows * per_row
             for k in keys:
                 layer_of[k] = len(layers)
-            layers.append(LayerSpec(name, tuple(keys), kind, start, end, rows, row_length, per_row, columns, module_type))
+            layers.append(LayerSpec(
+                name, tuple(keys), kind, start, end, rows, row_length, per_row, columns, module_type,
+                channels_per_row=pack, num_channels=channels,
+            ))  # fmt: skip
             start = end
         if not layers:
             raise ValueError(
@@ -593,9 +701,13 @@ class WeightTokenizer:
         for i, layer in enumerate(self._layers):
             if layer.kind not in _LAYER_KINDS:
                 raise ValueError(f"layer {i} ({layer.name!r}) has unknown kind {layer.kind!r}")
-            per_row = -(-layer.row_length // self._token_size)
+            pack = layer.channels_per_row
+            per_row = -(-(pack * layer.row_length) // self._token_size) if pack >= 1 else 0
             if (
-                layer.token_start != position
+                pack < 1
+                or (pack > 1 and per_row != 1)  # a packed row fits one token
+                or layer.num_rows != -(-layer.num_channels // pack)
+                or layer.token_start != position
                 or layer.tokens_per_row != per_row
                 or layer.token_end - layer.token_start != layer.num_rows * per_row
                 or sum(layer.columns) != layer.row_length
@@ -606,7 +718,7 @@ class WeightTokenizer:
                 spec = self._by_key.get(key)
                 if spec is None or spec.role != "tokenized" or spec.layer != i:
                     raise ValueError(f"inconsistent tokenizer spec: layer {i} lists {key!r}")
-                if spec.shape[0] != layer.num_rows or math.prod(spec.shape[1:]) != cols:
+                if spec.shape[0] != layer.num_channels or math.prod(spec.shape[1:]) != cols:
                     raise ValueError(f"inconsistent tokenizer spec: shape of {key!r} does not match layer {i}")
             position = layer.token_end
         for spec in self._tensors:
@@ -649,6 +761,11 @@ class WeightTokenizer:
         return [t.key for t in self._tensors]
 
     @property
+    def positions(self) -> Tensor:
+        """``(N, 3)`` int32 ``(n, l, k)`` of every token (the same for every network of the architecture)."""
+        return self._get_plan().positions.clone()
+
+    @property
     def num_params(self) -> int:
         """Real values held by the tokens of one network."""
         return sum(layer.num_values for layer in self._layers)
@@ -678,17 +795,12 @@ class WeightTokenizer:
         plan = _Plan()
         masks, positions = [], []
         for index, layer in enumerate(self._layers):
-            width = layer.tokens_per_row * d
-            c0 = 0
-            for j, (key, cols) in enumerate(zip(layer.keys, layer.columns)):
-                pad = j == len(layer.keys) - 1 and layer.row_length < width
-                plan.copies.append(
-                    _Copy(key, layer.token_start, layer.token_end, layer.num_rows, width, c0, c0 + cols, pad)
-                )
-                c0 += cols
-            row_mask = torch.zeros(width, dtype=torch.bool)
-            row_mask[: layer.row_length] = True
-            masks.append(row_mask.view(layer.tokens_per_row, d).repeat(layer.num_rows, 1))  # (rows*T, d)
+            copies, pads, mask = _layer_blocks(layer, d)
+            plan.copies += copies
+            plan.pads += pads
+            for c in copies:
+                plan.by_key.setdefault(c.key, []).append(c)
+            masks.append(mask)  # (rows*T, d)
             pos = torch.empty(layer.num_tokens, 3, dtype=torch.int32)  # (rows*T, 3)
             pos[:, 0] = torch.arange(layer.token_start, layer.token_end, dtype=torch.int32)
             pos[:, 1] = index
@@ -734,6 +846,11 @@ class WeightTokenizer:
             value = sd[spec.key]
             if not isinstance(value, Tensor):
                 raise TypeError(f"{what}[{spec.key!r}] is a {type(value).__name__}, not a torch.Tensor")
+            if value.is_meta:
+                raise ValueError(
+                    f"{what}[{spec.key!r}] is a meta tensor (shape only, no values: the model was built on the "
+                    "'meta' device or its weights were never loaded); load the weights first"
+                )
             if tuple(value.shape) != spec.shape:
                 raise ValueError(
                     f"{what}[{spec.key!r}] has shape {tuple(value.shape)} but the tokenizer expects {spec.shape}; "
@@ -761,11 +878,13 @@ class WeightTokenizer:
 
     def _fill(self, out: Tensor, sd: Mapping[str, Tensor]) -> None:
         """Write ``sd``'s tokenized tensors into ``out`` (N, d) and zero the padding (``out`` may be uninitialised)."""
-        for c in self._get_plan().copies:
-            rows = out[c.token_start : c.token_end].view(c.num_rows, c.row_width)  # (rows*T, d) -> (rows, T*d)
-            rows[:, c.c0 : c.c1].copy_(sd[c.key].detach().reshape(c.num_rows, c.c1 - c.c0))  # (rows, cols)
-            if c.pad:
-                rows[:, c.c1 :].zero_()  # (rows, T*d - row_length)
+        plan, base = self._get_plan(), out.storage_offset()
+        for c in plan.copies:
+            src = sd[c.key].detach()
+            src = src.reshape(src.shape[0], c.cols)[c.r0 : c.r1].reshape(c.dst.size)  # (channels, cols) -> block
+            out.as_strided(c.dst.size, c.dst.stride, base + c.dst.offset).copy_(src)
+        for pad in plan.pads:
+            out.as_strided(pad.size, pad.stride, base + pad.offset).zero_()
 
     def _device_of(self, sd: Mapping[str, Tensor]) -> torch.device:
         return sd[self._layers[0].keys[0]].device
@@ -779,9 +898,18 @@ class WeightTokenizer:
         return self._token_stats
 
     def encode_batch(
-        self, state_dicts: Sequence[Mapping[str, Tensor] | nn.Module], normalize: bool = False
+        self,
+        state_dicts: Sequence[Mapping[str, Tensor] | nn.Module],
+        normalize: bool = False,
+        *,
+        out: Tensor | None = None,
     ) -> WeightTokens:
-        """Encode several networks into one batch: tokens ``(B, N, d)``, positions ``(B, N, 3)``, mask ``(B, N, d)``."""
+        """Encode several networks into one batch: tokens ``(B, N, d)``, positions ``(B, N, 3)``, mask ``(B, N, d)``.
+
+        ``out``: an optional contiguous float32 ``(B, N, d)`` buffer (on the state_dicts' device)
+        to write the tokens into and return, instead of allocating one (reuse it across calls to
+        skip the first-touch cost of fresh memory).
+        """
         if isinstance(state_dicts, (Mapping, nn.Module)) or not isinstance(state_dicts, Iterable):
             raise TypeError("encode_batch takes a sequence of state_dicts; use encode() for one")
         sds = [_as_state_dict(sd, "each item of state_dicts") for sd in state_dicts]
@@ -794,7 +922,10 @@ class WeightTokenizer:
         plan = self._get_plan()
         device = self._device_of(sds[0])
         n, d = self.num_tokens, self._token_size
-        tokens = torch.empty(len(sds), n, d, dtype=torch.float32, device=device)  # (B, N, d), filled by _fill
+        if out is None:
+            tokens = _empty((len(sds), n, d), torch.float32, device)  # (B, N, d), filled by _fill
+        else:
+            tokens = self._check_out(out, (len(sds), n, d), device)
         for i, sd in enumerate(sds):
             self._fill(tokens[i], sd)
             # NaN/Inf make the sum non-finite (a cheap one-pass test); a finite sum proves all values
@@ -804,24 +935,51 @@ class WeightTokenizer:
         mask = plan.mask.to(device)  # (N, d)
         if normalize:
             self._normalize_(tokens, mask)
+            if not bool(torch.isfinite(tokens.sum())):  # finite weights can overflow float32 once normalised
+                bad = int((~torch.isfinite(tokens)).flatten(1).any(1).nonzero()[0])
+                raise ValueError(
+                    f"state_dicts[{bad}] gives non-finite tokens after normalisation (weights far outside the range "
+                    "the tokenizer was fitted on, e.g. ~3e38); check the checkpoint or encode with normalize=False"
+                )
+        masks = _empty((len(sds), n, d), torch.bool, device)  # (B, N, d)
+        masks.copy_(mask.expand(len(sds), n, d))
         return WeightTokens(
             tokens,
             plan.positions.to(device).expand(len(sds), n, 3).clone(),  # (B, N, 3)
-            mask.expand(len(sds), n, d).clone(),  # (B, N, d)
+            masks,
             normalized=normalize,
         )
 
-    def encode(self, state_dict: Mapping[str, Tensor] | nn.Module, normalize: bool = False) -> WeightTokens:
+    def encode(
+        self, state_dict: Mapping[str, Tensor] | nn.Module, normalize: bool = False, *, out: Tensor | None = None
+    ) -> WeightTokens:
         """Encode one network: tokens ``(N, d)`` float32, positions ``(N, 3)`` int32, mask ``(N, d)`` bool.
 
         Args:
             state_dict: a state_dict of the reference architecture (or the module itself); keys
                 in any order, float tensors in float32/float16/bfloat16.
             normalize: apply the fitted per-layer normalisation (see :meth:`fit`).
+            out: optional contiguous float32 ``(N, d)`` buffer to write the tokens into (returned
+                as ``.tokens``); reusing one buffer across calls skips the cost of fresh memory.
         """
         sd = _as_state_dict(state_dict, "state_dict")
-        batch = self.encode_batch([sd], normalize=normalize)
+        if out is not None:
+            out = self._check_out(out, (self.num_tokens, self._token_size), None)[None]  # (1, N, d) view
+        batch = self.encode_batch([sd], normalize=normalize, out=out)
         return batch[0]
+
+    def _check_out(self, out: Tensor, shape: tuple[int, ...], device: torch.device | None) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous float32 tensor of shape {shape} (tokens of this tokenizer), got "
+                f"{'a non-contiguous ' if not out.is_contiguous() else ''}{_dtype_name(out.dtype)} tensor of shape "
+                f"{tuple(out.shape)}; allocate it with torch.empty({', '.join(map(str, shape))})"
+            )
+        if device is not None and out.device != device:
+            raise ValueError(f"out is on {out.device} but the state_dict is on {device}; allocate out on {device}")
+        return out
 
     def _normalize_(self, tokens: Tensor, mask: Tensor) -> None:
         mean, std = self._require_stats()
@@ -858,37 +1016,73 @@ class WeightTokenizer:
             values = values * std.to(values.device)[:, None] + mean.to(values.device)[:, None]  # (..., N, d)
         return values
 
-    def _extract(self, values: Tensor) -> OrderedDict[str, Tensor]:
-        """``values`` (N, d) raw float32 → state_dict in the spec's order."""
+    def _extract(self, values: Tensor, into: Mapping[str, Tensor] | None = None) -> OrderedDict[str, Tensor]:
+        """``values`` (N, d) raw float32 → state_dict in the spec's order (written into ``into``'s tensors if given)."""
         device = values.device
-        copies = {c.key: c for c in self._get_plan().copies}
+        plan, base = self._get_plan(), values.storage_offset()
         out: OrderedDict[str, Tensor] = OrderedDict()
         for spec in self._tensors:
             dtype = _dtype_from_name(spec.dtype)
+            target = into[spec.key] if into is not None else None
             if spec.role == "tokenized":
-                c = copies[spec.key]
-                rows = values[c.token_start : c.token_end].view(c.num_rows, c.row_width)  # (rows*T, d) -> (rows, T*d)
-                src = rows[:, c.c0 : c.c1].reshape(spec.shape)  # (rows, cols) -> original shape (a view)
-                out[spec.key] = torch.empty(spec.shape, dtype=dtype, device=device).copy_(src)
-            elif spec.value is not None:
-                out[spec.key] = torch.tensor(spec.value, dtype=dtype, device=device).reshape(spec.shape)
+                if target is None:
+                    target = _empty(spec.shape, dtype, device)
+                rows = target.view(spec.shape[0], -1)  # (channels, cols)
+                for c in plan.by_key[spec.key]:
+                    src = values.as_strided(c.dst.size, c.dst.stride, base + c.dst.offset)  # block of the tokens
+                    rows[c.r0 : c.r1].view(c.dst.size).copy_(src)
             else:
-                out[spec.key] = torch.full(spec.shape, spec.fill, dtype=dtype, device=device)
+                if spec.value is not None:
+                    value = torch.tensor(spec.value, dtype=dtype, device=device).reshape(spec.shape)
+                else:
+                    value = torch.full(spec.shape, spec.fill, dtype=dtype, device=device)
+                target = value if target is None else target.copy_(value)
+            out[spec.key] = target
         return out
 
-    def decode(self, tokens: WeightTokens | Tensor) -> OrderedDict[str, Tensor]:
+    def _check_into(self, into: Mapping[str, Tensor] | nn.Module, device: torch.device) -> Mapping[str, Tensor]:
+        into = _as_state_dict(into, "out")
+        self._validate(into, "out")
+        for spec in self._tensors:
+            t = into[spec.key]
+            if t.dtype != _dtype_from_name(spec.dtype) or t.device != device or not t.is_contiguous():
+                raise ValueError(
+                    f"out[{spec.key!r}] must be a contiguous {spec.dtype} tensor on {device} to decode into, got a "
+                    f"{'' if t.is_contiguous() else 'non-contiguous '}{_dtype_name(t.dtype)} tensor on {t.device}"
+                )
+        return into
+
+    def decode(
+        self, tokens: WeightTokens | Tensor, *, out: Mapping[str, Tensor] | nn.Module | None = None
+    ) -> OrderedDict[str, Tensor]:
         """Rebuild the state_dict of one network (keys, shapes and dtypes of the reference).
 
         Normalisation is undone when ``tokens.normalized``; a bare ``(N, d)`` tensor is taken as
         raw (unnormalised) tokens. Padding values are ignored.
+
+        ``out``: an optional state_dict (or module) of the architecture, with contiguous tensors of
+        the spec's dtypes on the tokens' device; the values are written into its tensors (e.g.
+        straight into a model's parameters, no allocation) and those tensors are returned.
         """
         values = self._check_tokens(tokens, batched=False)
-        return self._extract(values)
+        into = self._check_into(out, values.device) if out is not None else None
+        with torch.no_grad():
+            return self._check_decoded(self._extract(values, into), "decode")
+
+    def _check_decoded(self, sd: OrderedDict[str, Tensor], what: str) -> OrderedDict[str, Tensor]:
+        """Raise naming the first weight that came out NaN/Inf (NaN tokens would decode to NaN weights)."""
+        for key, value in sd.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"{what}: the tokens give non-finite values for {key!r} (NaN or Inf tokens); check the model "
+                    "output that produced them"
+                )
+        return sd
 
     def decode_batch(self, tokens: WeightTokens | Tensor) -> list[OrderedDict[str, Tensor]]:
         """Rebuild one state_dict per network of ``(B, N, d)`` tokens."""
         values = self._check_tokens(tokens, batched=True)
-        return [self._extract(v) for v in values]
+        return [self._check_decoded(self._extract(v), f"decode_batch[{i}]") for i, v in enumerate(values)]
 
     # -- normalisation -------------------------------------------------------------------------
 
@@ -969,6 +1163,9 @@ class WeightTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / TOKENIZER_FILE
         fd, tmp = tempfile.mkstemp(prefix=f".{TOKENIZER_FILE}.", suffix=".tmp", dir=directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=1)
@@ -1021,5 +1218,11 @@ class WeightTokenizer:
                     f"holding {TOKENIZER_FILE}, and fetching it from the Hugging Face Hub failed "
                     f"({type(err).__name__}: {err})"
                 ) from err
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file} is not a valid {TOKENIZER_FILE} ({err}); save the tokenizer again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} is not a valid {TOKENIZER_FILE} (expected a JSON object)")
+        return cls.from_dict(data)
