@@ -659,9 +659,9 @@ def _setup(
     zoo: Any, zoo_config: Any, config: SamplingEvalConfig, *, build: Callable[..., nn.Module] | None = None,
     task: Callable[[], Any] | None = None, need_task: bool = False,
 ) -> SamplingSetup:
+    from sane_hf.state_dict_io import state_dict_from_bytes
     from sane_hf.zoo.architectures import list_architectures
     from sane_hf.zoo.custom import architecture_builder, zoo_task
-    from sane_hf.zoo.dataset import state_dict_from_bytes
 
     user_arch = build is not None or bool(getattr(zoo_config, "arch_entrypoint", None))
     # fail before any sampling: an unimportable entry point, a task the evaluation cannot load
@@ -816,7 +816,8 @@ def evaluate_sampling(
     ``build``/``task``: your architecture and task callables, when the zoo does not record them
     as entry points (:mod:`sane_hf.zoo.custom`). Nothing is written when a step fails.
     """
-    from sane_hf.zoo.dataset import state_dict_from_bytes, zoo_model
+    from sane_hf.state_dict_io import state_dict_from_bytes
+    from sane_hf.zoo.dataset import zoo_model
     from sane_hf.zoo.train import evaluate_model
 
     config = config or SamplingEvalConfig()

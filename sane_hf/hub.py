@@ -1,4 +1,4 @@
-"""Publishing SANE checkpoints and model zoos on the Hugging Face Hub, and reading them back offline.
+"""Publishing SANE checkpoints and model zoos on the Hugging Face Hub.
 
 Models
 ------
@@ -10,7 +10,7 @@ Hub repo: ``config.json`` with ``auto_map`` (``AutoConfig``/``AutoModel``) and `
 
 It never pushes the training folder as it is. It stages a fresh folder
 (:func:`prepare_model_folder`): load model and tokenizer, save them through
-:func:`sane_hf.pipeline_sane.save_sane_pipeline` (which writes code, ``auto_map`` and
+:func:`save_sane_pipeline` (which writes code, ``auto_map`` and
 ``custom_pipelines`` together), copy the measurements, render the card, then check that every
 module named in ``config.json`` is present with its relative imports (:func:`check_model_folder`).
 The whole folder goes up in **one commit** (``HfApi.create_commit`` with a
@@ -34,20 +34,11 @@ The card (``README.md``) is rendered by :func:`sane_hf.cards.render_model_card` 
 the folder; in a staged (pushed) folder the probe and sampling measurements always sit at the top
 level under the names ``probe_metrics.json`` and ``sampling_metrics.json``.
 
-Offline use
------------
-:func:`populate_hub_cache` lays a folder out as the Hub cache would after a download
-(``<cache>/models--org--name/{blobs,refs,snapshots}``), so that with ``HF_HUB_OFFLINE=1``
-``SaneModel.from_pretrained("org/name")``, ``AutoModel.from_pretrained("org/name",
-trust_remote_code=True)`` and ``pipeline(model="org/name", trust_remote_code=True)`` work on an
-air-gapped machine exactly as after ``from_pretrained`` online.
-
 Tokens are passed to ``huggingface_hub`` only; nothing here prints or logs them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -79,6 +70,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "PushResult",
+    "remote_code_files",
+    "save_sane_pipeline",
     "save_model_folder",
     "PIPELINE_TASKS",
     "prepare_model_folder",
@@ -86,7 +79,6 @@ __all__ = [
     "push_model",
     "zoo_files",
     "push_zoo",
-    "populate_hub_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,6 +164,62 @@ def _hf_api(token: str | None):
     return HfApi(token=token or None)  # None: HF_TOKEN or the stored login, resolved by huggingface_hub
 
 
+def remote_code_files() -> list[str]:
+    """The package files every saved model folder carries as remote code, sorted.
+
+    The model's and the pipeline's modules and, recursively, every file they import relatively —
+    what ``save_pretrained`` copies (the same rule transformers applies when it copies them).
+    """
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    package = Path(__file__).resolve().parent
+    names = {"configuration_sane.py", "modeling_sane.py", "pipeline_sane.py"}
+    for name in sorted(names):
+        names |= {Path(p).name for p in get_relative_import_files(str(package / name))}
+    return sorted(names)
+
+
+def save_sane_pipeline(
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    tasks: tuple[str, ...] = (SAMPLING_PIPELINE_TASK,),
+) -> Path:
+    """Write a folder that ``pipeline(model=out_dir, trust_remote_code=True)`` loads anywhere.
+
+    Saves the model (weights, ``config.json`` with ``auto_map`` and ``custom_pipelines``, its
+    remote code), ``weight_tokenizer.json`` and the pipeline code with everything it imports
+    relatively (copied by transformers, byte for byte; see :mod:`sane_hf.pipeline_sane`). ``tasks``
+    lists the pipelines written into ``custom_pipelines``: with only ``"weight-sampling"`` (the
+    default) ``pipeline(model=out_dir, trust_remote_code=True)`` needs no task name; adding
+    ``"weight-embedding"`` also makes ``pipeline("weight-embedding", model=out_dir,
+    trust_remote_code=True)`` work without ``sane_hf`` installed, but then the task must always be named.
+
+    Returns the folder.
+    """
+    from sane_hf.pipeline_sane import WeightEmbeddingPipeline, WeightSamplingPipeline
+
+    classes = {SAMPLING_PIPELINE_TASK: WeightSamplingPipeline, EMBEDDING_PIPELINE_TASK: WeightEmbeddingPipeline}
+    unknown = [t for t in tasks if t not in classes]
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {tuple(classes)}, got {tasks}")
+    out = Path(out_dir)
+    device = next(model.parameters()).device
+    entries: dict[str, Any] = {}
+    for task in tasks:
+        pipe = classes[task](model=model, weight_tokenizer=tokenizer, device=device, task=task)
+        pipe.save_pretrained(out)
+        entries.update(model.config.custom_pipelines)
+    if len(entries) > 1:  # each save wrote only its own task: merge them into config.json
+        config_file = out / "config.json"
+        data = json.loads(config_file.read_text())
+        data["custom_pipelines"] = entries
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    model.config.custom_pipelines = entries
+    return out
+
+
 def save_model_folder(
     model: Any,
     tokenizer: Any,
@@ -184,14 +232,12 @@ def save_model_folder(
 
     Weights, ``weight_tokenizer.json``, the remote code, ``config.json`` with ``auto_map`` and
     ``custom_pipelines`` for both :data:`PIPELINE_TASKS` (through
-    :func:`sane_hf.pipeline_sane.save_sane_pipeline`), and, with ``card=True``, the model card
+    :func:`save_sane_pipeline`), and, with ``card=True``, the model card
     ``README.md`` rendered from the measurements already in the folder. Afterwards, in any process,
     ``pipeline("weight-sampling", model=folder, trust_remote_code=True)`` and
     ``pipeline("weight-embedding", model=folder, trust_remote_code=True)`` load it (with two
     pipelines in ``config.json`` the task must be named).
     """
-    from sane_hf.pipeline_sane import save_sane_pipeline
-
     folder = Path(folder)
     save_sane_pipeline(model, tokenizer, folder, tasks=PIPELINE_TASKS)
     if card:
@@ -274,7 +320,7 @@ def prepare_model_folder(
     """Stage ``folder`` (a trained model folder) into ``out_dir`` as a complete Hub model repo.
 
     Loads the :class:`~sane_hf.modeling_sane.SaneModel` and its :class:`WeightTokenizer`, saves
-    them with :func:`sane_hf.pipeline_sane.save_sane_pipeline` (weights, tokenizer, remote code,
+    them with :func:`save_sane_pipeline` (weights, tokenizer, remote code,
     ``auto_map``, ``custom_pipelines``), copies the configs and measurements (the probe and sampling
     metrics under their flat names, see the module docstring), renders the model card into
     ``README.md`` and checks the result with :func:`check_model_folder`.
@@ -505,113 +551,3 @@ def push_zoo(
         commit_description=commit_description,
     )
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# the Hub cache, for offline and air-gapped machines
-# ----------------------------------------------------------------------------------------------
-
-#: Files stored through LFS on the Hub (their cache blob is named by the sha256 of the content);
-#: other files are named by their git blob id (sha1 of ``"blob <size>\0" + content``).
-_LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".parquet", ".arrow", ".npz", ".npy", ".png", ".jpg", ".gz")
-_LFS_MIN_BYTES = 10 * 1024 * 1024
-
-
-def _blob_id(path: Path) -> str:
-    size = path.stat().st_size
-    lfs = path.suffix in _LFS_SUFFIXES or size >= _LFS_MIN_BYTES
-    digest = hashlib.sha256() if lfs else hashlib.sha1(f"blob {size}\0".encode())
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def populate_hub_cache(
-    folder: str | os.PathLike,
-    repo_id: str,
-    cache_dir: str | os.PathLike | None = None,
-    revision_hash: str | None = None,
-    *,
-    repo_type: str = "model",
-    revision: str = "main",
-) -> Path:
-    """Lay ``folder`` out in a Hub cache as if ``repo_id`` had been downloaded from the Hub.
-
-    Writes ``<cache_dir>/<models|datasets>--org--name/``::
-
-        blobs/<id>                       one per file: sha256 for LFS-type files, the git blob sha1 otherwise
-        refs/<revision>                  the commit hash (no newline, as huggingface_hub writes it)
-        snapshots/<hash>/<path>          relative symlinks into blobs/ (copies where symlinks fail)
-
-    Then, with ``HF_HUB_OFFLINE=1`` (and ``HF_HOME``/``HF_HUB_CACHE`` pointing at the cache),
-    ``from_pretrained(repo_id)``, ``pipeline(model=repo_id, trust_remote_code=True)`` and
-    ``hf_hub_download(repo_id, filename)`` resolve ``repo_id`` from the cache without a network.
-    Useful on air-gapped machines: push (or :func:`prepare_model_folder`) on one machine, copy the
-    folder over, populate the cache there. Hidden files are skipped; files already in the snapshot
-    are replaced.
-
-    For a zoo (``repo_type="dataset"``), ``datasets.load_dataset(repo_id)`` offline reads only its
-    own prepared-data cache, not this one; use ``load_zoo(snapshot_download(repo_id,
-    repo_type="dataset"))`` instead (``snapshot_download`` resolves from this cache offline).
-
-    Args:
-        folder: the repo's files (e.g. a folder staged by :func:`prepare_model_folder`, a zoo folder).
-        repo_id: ``"org/name"`` (or ``"name"``).
-        cache_dir: the hub cache (the folder holding ``models--…``); default: ``huggingface_hub``'s
-            ``HF_HUB_CACHE`` (``$HF_HOME/hub``).
-        revision_hash: the 40-hex commit hash to file the snapshot under; default: a hash of the
-            folder's paths and contents (the same folder gives the same hash).
-        repo_type: ``"model"``, ``"dataset"`` or ``"space"``.
-        revision: the ref that points at the snapshot (default ``main``).
-
-    Returns:
-        the snapshot folder.
-
-    Example::
-
-        >>> snapshot = populate_hub_cache("staged/sane-digits", "me/sane-digits", "/tmp/hf/hub")  # doctest: +SKIP
-        >>> # HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 python -c 'SaneModel.from_pretrained("me/sane-digits")'
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    if repo_type not in ("model", "dataset", "space"):
-        raise ValueError(f"repo_type must be 'model', 'dataset' or 'space', got {repo_type!r}")
-    files = _relative_files(folder)
-    if not files:
-        raise ValueError(f"{folder} holds no files to cache")
-    blob_ids = {rel: _blob_id(folder / rel) for rel in files}
-    if revision_hash is None:
-        digest = hashlib.sha1()
-        for rel in files:
-            digest.update(f"{rel}\0{blob_ids[rel]}\0".encode())
-        revision_hash = digest.hexdigest()
-    if len(revision_hash) != 40 or any(c not in "0123456789abcdef" for c in revision_hash):
-        raise ValueError(f"revision_hash must be 40 lowercase hex digits (a commit hash), got {revision_hash!r}")
-
-    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-    repo_dir = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
-    blobs, snapshot = repo_dir / "blobs", repo_dir / "snapshots" / revision_hash
-    blobs.mkdir(parents=True, exist_ok=True)
-    for rel in files:
-        blob = blobs / blob_ids[rel]
-        if not blob.exists():
-            tmp = blobs / f".{blob_ids[rel]}.incomplete"
-            shutil.copyfile(folder / rel, tmp)
-            os.replace(tmp, blob)
-        target = snapshot / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        try:
-            target.symlink_to(os.path.relpath(blob, target.parent))
-        except OSError:  # no symlinks (e.g. Windows without developer mode): a copy, as huggingface_hub does
-            shutil.copyfile(blob, target)
-    ref = repo_dir / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(revision_hash)
-    return snapshot

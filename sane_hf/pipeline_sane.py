@@ -7,8 +7,8 @@ model (window batching happens inside), ``postprocess`` returns plain Python obj
 Neither pipeline loads a text tokenizer or processor; the :class:`WeightTokenizer` is read from
 the model's folder (local, or the Hub cache) — ``weight_tokenizer.json`` next to ``config.json``.
 
-Remote code. :func:`save_sane_pipeline` (or ``pipe.save_pretrained(dir)`` on a pipeline made
-from this module) writes a folder that loads in a fresh Python without ``sane_hf``::
+Remote code. :func:`sane_hf.hub.save_sane_pipeline` (or ``pipe.save_pretrained(dir)`` on a
+pipeline made from this module) writes a folder that loads in a fresh Python without ``sane_hf``::
 
     dir/
     ├── config.json              SaneConfig + auto_map (AutoConfig/AutoModel) + custom_pipelines
@@ -17,19 +17,17 @@ from this module) writes a folder that loads in a fresh Python without ``sane_hf
     ├── configuration_sane.py    remote code of the model (copied by SaneModel.save_pretrained)
     ├── modeling_sane.py
     ├── pipeline_sane.py         this file: the pipelines (copied by Pipeline.save_pretrained)
-    ├── sampling.py              relative imports of pipeline_sane.py, copied with it
+    ├── sampling.py              ... with every file it imports relatively, recursively
     ├── embedding.py
+    ├── state_dict_io.py
     └── tokenization_sane.py
 
 so that ``pipeline(model=dir, trust_remote_code=True)`` and
 ``pipeline("weight-sampling", model=dir, trust_remote_code=True)`` both work. transformers copies
-a pipeline's file and, recursively, the files it imports *relatively* (``from .x import``). This
-package's modules import each other relatively where they travel; any absolute ``sane_hf``
-import left in a copied file is rewritten in the saved copy by :func:`make_self_contained`
-(to a relative import when the module travels too, else wrapped in ``try``/``except ImportError``
-so that transformers' import check skips it and it fails with a clear message only if reached).
-Remote users need ``torch``, ``transformers``, ``numpy``, ``scikit-learn``, ``safetensors`` and
-``tqdm``.
+a pipeline's file and, recursively, the files it imports *relatively* (``from .x import``), byte
+for byte. The modules that travel therefore import each other only relatively and never import
+``sane_hf`` absolutely: the same files work as ``sane_hf.x`` and as Hub remote code. Remote users
+need ``torch``, ``transformers``, ``numpy``, ``scikit-learn``, ``safetensors`` and ``tqdm``.
 
 Example::
 
@@ -42,14 +40,8 @@ Example::
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import json
 import os
-import re
-import shutil
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,13 +59,10 @@ __all__ = [
     "WeightSamplingPipeline",
     "WeightEmbeddingPipeline",
     "register_pipelines",
-    "save_sane_pipeline",
-    "make_self_contained",
 ]
 
 SAMPLING_TASK = "weight-sampling"
 EMBEDDING_TASK = "weight-embedding"
-_PACKAGE = "sane_hf"
 
 
 class _Prompts:
@@ -96,7 +85,7 @@ def _load_weight_tokenizer(model: Any) -> WeightTokenizer:
     except OSError as err:
         raise OSError(
             f"the pipeline needs the model's {TOKENIZER_FILE} next to its config.json ({path!r}): {err}. "
-            "Save both with save_sane_pipeline(model, tokenizer, dir), or pass weight_tokenizer="
+            "Save both with sane_hf.hub.save_sane_pipeline(model, tokenizer, dir), or pass weight_tokenizer="
         ) from err
 
 
@@ -120,7 +109,6 @@ class _WeightPipeline(Pipeline):
         """Save the model, its WeightTokenizer, the pipeline code and ``custom_pipelines`` (remote code)."""
         super().save_pretrained(save_directory, **kwargs)
         self.weight_tokenizer.save_pretrained(save_directory)
-        make_self_contained(save_directory)
 
 
 class WeightSamplingPipeline(_WeightPipeline):
@@ -160,7 +148,7 @@ class WeightSamplingPipeline(_WeightPipeline):
         >>> import torch
         >>> from transformers import pipeline
         >>> from sane_hf import SaneModel, WeightTokenizer
-        >>> from sane_hf.pipeline_sane import save_sane_pipeline
+        >>> from sane_hf.hub import save_sane_pipeline
         >>> from sane_hf.zoo.architectures import create_model
         >>> from sane_hf.zoo.dataset import load_zoo, zoo_model, load_zoo_config
         >>> from sane_hf.zoo.tasks import load_task
@@ -304,165 +292,3 @@ def register_pipelines() -> None:
 
 
 register_pipelines()
-
-
-# ----------------------------------------------------------------------------------------------
-# saving
-# ----------------------------------------------------------------------------------------------
-
-
-def save_sane_pipeline(
-    model: Any,
-    tokenizer: WeightTokenizer,
-    out_dir: str | os.PathLike,
-    *,
-    tasks: tuple[str, ...] = (SAMPLING_TASK,),
-) -> Path:
-    """Write a folder that ``pipeline(model=out_dir, trust_remote_code=True)`` loads anywhere.
-
-    Saves the model (weights, ``config.json`` with ``auto_map`` and ``custom_pipelines``, its
-    remote code), ``weight_tokenizer.json`` and the pipeline code with everything it imports
-    (see the module docstring). ``tasks`` lists the pipelines written into ``custom_pipelines``:
-    with only ``"weight-sampling"`` (the default) ``pipeline(model=out_dir, trust_remote_code=True)``
-    needs no task name; adding ``"weight-embedding"`` also makes
-    ``pipeline("weight-embedding", model=out_dir, trust_remote_code=True)`` work without
-    ``sane_hf`` installed, but then the task must always be named.
-
-    Returns the folder.
-    """
-    unknown = [t for t in tasks if t not in (SAMPLING_TASK, EMBEDDING_TASK)]
-    if unknown or not tasks:
-        raise ValueError(f"tasks must be a non-empty subset of {(SAMPLING_TASK, EMBEDDING_TASK)}, got {tasks}")
-    out = Path(out_dir)
-    device = next(model.parameters()).device
-    classes = {SAMPLING_TASK: WeightSamplingPipeline, EMBEDDING_TASK: WeightEmbeddingPipeline}
-    entries: dict[str, Any] = {}
-    for task in tasks:
-        pipe = classes[task](model=model, weight_tokenizer=tokenizer, device=device, task=task)
-        pipe.save_pretrained(out)
-        entries.update(model.config.custom_pipelines)
-    if len(entries) > 1:  # each save wrote only its own task: merge them into config.json
-        config_file = out / "config.json"
-        data = json.loads(config_file.read_text())
-        data["custom_pipelines"] = entries
-        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    model.config.custom_pipelines = entries
-    return out
-
-
-_MARK = "# made self-contained by sane_hf.pipeline_sane.make_self_contained"
-
-
-def _sane_module(node: ast.AST) -> str | None:
-    """``"x.y"`` for ``from sane_hf.x.y import ...`` / ``import sane_hf.x.y``, ``""`` for bare ``sane_hf``."""
-    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-        names = [node.module]
-    elif isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-    else:
-        return None
-    for name in names:
-        if name == _PACKAGE or name.startswith(_PACKAGE + "."):
-            return name[len(_PACKAGE) + 1 :]
-    return None
-
-
-def _module_level(tree: ast.Module) -> set[int]:
-    """ids of import nodes executed at import time (module body, incl. plain ``if``/``try`` blocks)."""
-    ids: set[int] = set()
-
-    def walk(body: list[ast.stmt]) -> None:
-        for stmt in body:
-            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-                ids.add(id(stmt))
-            elif isinstance(stmt, ast.If):
-                walk(stmt.body)
-                walk(stmt.orelse)
-            elif isinstance(stmt, ast.Try):
-                walk(stmt.body)
-
-    walk(tree.body)
-    return ids
-
-
-def make_self_contained(folder: str | os.PathLike) -> list[str]:
-    """Rewrite the ``*.py`` files of a saved folder so they import no ``sane_hf`` (remote code).
-
-    For every absolute import of ``sane_hf.<name>`` in a copied file:
-
-    - ``<name>.py`` is in the folder → a relative import ``from .<name> import ...``;
-    - executed at import time and ``sane_hf/<name>.py`` is a single-level module of the installed
-      package → that file is copied into the folder (and rewritten in turn), then imported relatively;
-    - otherwise (imports inside functions of modules that do not travel, e.g. the zoo) → wrapped in
-      ``try``/``except ImportError`` raising a message that names the missing package. transformers'
-      import check skips ``try`` blocks, so the folder loads; the code path fails only if reached.
-
-    Already self-contained files are left byte for byte. Returns the names of the files changed
-    or added. Raises ``RuntimeError`` if a ``sane_hf`` import remains visible to transformers.
-    """
-    from transformers.dynamic_module_utils import get_imports
-
-    folder = Path(folder)
-    changed: list[str] = []
-    todo = sorted(p.name for p in folder.glob("*.py"))
-    done: set[str] = set()
-    while todo:
-        name = todo.pop(0)
-        if name in done:
-            continue
-        done.add(name)
-        path = folder / name
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-        top = _module_level(tree)
-        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)}
-        lines = source.splitlines(keepends=True)
-        edits: list[tuple[int, int, list[str]]] = []  # (first line, last line) 0-based inclusive -> new lines
-        for node in ast.walk(tree):
-            module = _sane_module(node)
-            if module is None:
-                continue
-            target = module.split(".")[0] if module else ""
-            bundled = bool(target) and "." not in module and (folder / f"{target}.py").exists()
-            if id(node) in guarded and not bundled:
-                continue  # already invisible to transformers' import check
-            first, last = node.lineno - 1, node.end_lineno - 1
-            text = "".join(lines[first : last + 1])
-            indent = lines[first][: node.col_offset]
-            if indent.strip() or not text[node.col_offset :].lstrip().startswith(("from", "import")):
-                raise RuntimeError(f"{name}:{node.lineno}: cannot rewrite an import that shares its line")
-            if not bundled and target and "." not in module and id(node) in top and isinstance(node, ast.ImportFrom):
-                try:
-                    spec = importlib.util.find_spec(f"{_PACKAGE}.{target}")
-                except ImportError:  # sane_hf itself is not installed (re-saving remote code)
-                    spec = None
-                if spec is not None and spec.origin and Path(spec.origin).name == f"{target}.py":
-                    shutil.copyfile(spec.origin, folder / f"{target}.py")
-                    changed.append(f"{target}.py")
-                    todo.append(f"{target}.py")
-                    bundled = True
-            if bundled and isinstance(node, ast.ImportFrom):
-                new = re.sub(rf"\bfrom\s+{_PACKAGE}\.{target}\s+import", f"from .{target} import", text, count=1)
-                edits.append((first, last, [new]))
-            else:
-                body = [indent + "    " + line[len(indent) :] if line.startswith(indent) else line
-                        for line in lines[first : last + 1]]
-                if body and not body[-1].endswith("\n"):
-                    body[-1] += "\n"
-                message = (f"this code path needs the sane-hf package ({_PACKAGE}.{module or ''}); "
-                           "install it with: pip install sane-hf")
-                edits.append((first, last, [
-                    f"{indent}try:  {_MARK}\n", *body,
-                    f"{indent}except ImportError as _sane_hf_error:\n",
-                    f"{indent}    raise ImportError({message!r}) from _sane_hf_error\n",
-                ]))
-        if edits:
-            for first, last, new in sorted(edits, reverse=True):
-                lines[first : last + 1] = new
-            path.write_text("".join(lines), encoding="utf-8")
-            if name not in changed:
-                changed.append(name)
-    for path in sorted(folder.glob("*.py")):
-        if _PACKAGE in get_imports(path):
-            raise RuntimeError(f"{path.name} still imports {_PACKAGE} outside a try block; it cannot travel as remote code")
-    return changed

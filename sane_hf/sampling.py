@@ -74,7 +74,8 @@ Example::
     (2, <All keys matched successfully>)
 
 This module travels to the Hub as remote code with ``pipeline_sane.py``: it imports only
-torch, numpy, scikit-learn, safetensors and (relatively) ``embedding`` and ``tokenization_sane``.
+torch, numpy, scikit-learn, safetensors and (relatively) ``embedding``, ``state_dict_io`` and
+``tokenization_sane``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from .embedding import embed_models, resolve_window, window_plan
+from .state_dict_io import state_dict_from_bytes
 from .tokenization_sane import WeightTokenizer, WeightTokens
 
 __all__ = [
@@ -303,12 +305,6 @@ class LatentKDE:
 # ----------------------------------------------------------------------------------------------
 
 
-def _state_dict_from_blob(blob: bytes) -> dict[str, Tensor]:
-    from safetensors.torch import load
-
-    return load(bytes(blob))
-
-
 def _datasets_types() -> tuple[type, type] | None:
     """``(Dataset, DatasetDict)`` when ``datasets`` is imported (an instance implies it is)."""
     import sys
@@ -332,14 +328,14 @@ def as_state_dicts(prompts: Any) -> list[Mapping[str, Tensor]]:
                 f"the dataset has no 'weights' column (columns: {prompts.column_names}); pass a raw zoo split"
             )
         weights = prompts.select_columns(["weights"]).with_format(None)
-        return [_state_dict_from_blob(b) for b in weights["weights"]]
+        return [state_dict_from_bytes(b) for b in weights["weights"]]
 
     def one(obj: Any, index: int) -> Mapping[str, Tensor]:
         if isinstance(obj, nn.Module):
             return obj.state_dict()
         if isinstance(obj, Mapping):
             if isinstance(obj.get("weights"), (bytes, bytearray, memoryview)):  # a zoo row
-                return _state_dict_from_blob(obj["weights"])
+                return state_dict_from_bytes(obj["weights"])
             return obj
         raise TypeError(
             f"prompts[{index}] is a {type(obj).__name__}; expected a state_dict, an nn.Module or a zoo row"

@@ -881,11 +881,12 @@ def _save_checkpoint(
 
 
 def _clear_output_dir(output_dir: Path) -> None:
+    from sane_hf.hub import remote_code_files
+
     for name in (CHECKPOINTS_DIR, "logs"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
     for name in (METRICS_FILE, "config.json", "model.safetensors", "weight_tokenizer.json", TRAINING_CONFIG_FILE,
-                 ZOO_CONFIG_FILE, "configuration_sane.py", "modeling_sane.py", "generation_config.json", "README.md",
-                 "pipeline_sane.py", "sampling.py", "embedding.py", "tokenization_sane.py"):
+                 ZOO_CONFIG_FILE, "generation_config.json", "README.md", *remote_code_files()):
         (output_dir / name).unlink(missing_ok=True)
 
 

@@ -26,7 +26,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tiny) -> Path:
-    from sane_hf.pipeline_sane import save_sane_pipeline
+    from sane_hf.hub import save_sane_pipeline
 
     folder = tmp_path_factory.mktemp("run") / "sane-tiny"
     save_sane_pipeline(*tiny, folder)

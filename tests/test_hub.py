@@ -23,12 +23,12 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import populate_hub_cache
 from huggingface_hub import CommitInfo, DatasetCard, HfApi, ModelCard, RepoUrl
 
 from sane_hf import SaneConfig, SaneModel, WeightTokenizer
 from sane_hf.hub import (
     check_model_folder,
-    populate_hub_cache,
     prepare_model_folder,
     push_model,
     push_zoo,
@@ -129,7 +129,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tiny) -> Path:
-    from sane_hf.pipeline_sane import save_sane_pipeline
+    from sane_hf.hub import save_sane_pipeline
 
     folder = tmp_path_factory.mktemp("run") / "sane-tiny"
     save_sane_pipeline(*tiny, folder)

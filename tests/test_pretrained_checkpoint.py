@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "sane-digits-cnn-s"
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "sane-digits-cnn-s"
 
 
 def _prompts(n: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -38,6 +39,18 @@ def test_folder_is_complete():
     assert "weight-sampling" in config["custom_pipelines"]
     for ref in [*config["auto_map"].values(), config["custom_pipelines"]["weight-sampling"]["impl"]]:
         assert (CKPT / (ref.split(".")[0] + ".py")).is_file(), ref
+
+
+def test_shipped_code_is_the_packages_own():
+    """The remote code beside the weights is what saving the folder today writes: the package's files, unchanged."""
+    from sane_hf.hub import remote_code_files
+
+    assert sorted(p.name for p in CKPT.glob("*.py")) == remote_code_files()
+    stale = [p.name for p in sorted(CKPT.glob("*.py")) if p.read_bytes() != (ROOT / "sane_hf" / p.name).read_bytes()]
+    assert not stale, (
+        f"{stale} in {CKPT.relative_to(ROOT)} differ from sane_hf/; regenerate them with `sane-hf push --model "
+        f"{CKPT.relative_to(ROOT)} --repo-id me/x --dry-run --staging-dir /tmp/x` and copy /tmp/x/*.py over"
+    )
 
 
 def test_model_and_tokenizer_load():

@@ -50,6 +50,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 # relative imports: this module travels to the Hub as remote code beside tokenization_sane.py
+from .state_dict_io import state_dict_from_bytes
 from .tokenization_sane import WeightTokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,15 +99,6 @@ def resolve_window(config: Any, window: int | None = None, halo: int | None = No
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     return window, halo
-
-
-def _state_dict_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
-    """A zoo row's weights. The zoo does not travel with remote code: zoo inputs need sane-hf installed."""
-    try:
-        from sane_hf.zoo.dataset import state_dict_from_bytes
-    except ImportError as err:
-        raise ImportError("embedding zoo rows needs the sane-hf package (pip install sane-hf)") from err
-    return state_dict_from_bytes(blob)
 
 
 def window_plan(num_tokens: int, window: int, halo: int) -> list[tuple[int, int, int, int]]:
@@ -318,7 +310,7 @@ class _ItemReader:
                 "a trained model: WeightTokenizer.from_pretrained(model_dir)); pass normalize=False to embed raw tokens"
             )
         if isinstance(sd, Mapping) and isinstance(sd.get("weights"), (bytes, bytearray)):  # a zoo row
-            sd = _state_dict_from_bytes(sd["weights"])
+            sd = state_dict_from_bytes(sd["weights"])
         try:
             out = self.tokenizer.encode(sd, normalize=self.normalize)
         except (ValueError, TypeError) as err:  # the tokenizer names the key; say which input it is
@@ -380,7 +372,7 @@ class _ItemReader:
             weights = ds.select_columns(["weights"]).with_format(None)
             for start in range(0, len(ds), chunk):
                 for offset, blob in enumerate(weights[start : start + chunk]["weights"]):
-                    yield self._from_state_dict(_state_dict_from_bytes(blob), start + offset)
+                    yield self._from_state_dict(state_dict_from_bytes(blob), start + offset)
         elif {"tokens", "positions", "mask"} <= columns:
             # stored tokens are used as they are (tokenize_zoo normalises by default)
             view = ds.select_columns(["tokens", "positions", "mask"]).with_format("torch")

@@ -279,7 +279,7 @@ def _property_rows(summary: Mapping[str, Any], shown_epochs: Sequence[str]) -> l
 
 
 def _architecture(config: ZooConfig, first_weights: bytes | None) -> dict[str, Any] | None:
-    from sane_hf.zoo.schema import state_dict_from_bytes
+    from sane_hf.state_dict_io import state_dict_from_bytes
 
     if first_weights is None:
         return None

@@ -174,7 +174,8 @@ def _zoo_num_tokens(args: argparse.Namespace, token_size: int, known: Any = None
     if known is not None:
         return known.num_tokens
     try:
-        from sane_hf.zoo.dataset import load_zoo, state_dict_from_bytes
+        from sane_hf.state_dict_io import state_dict_from_bytes
+        from sane_hf.zoo.dataset import load_zoo
 
         row = load_zoo(args.zoo)["train"][0]
         return WeightTokenizer.from_reference(state_dict_from_bytes(row["weights"]), token_size=token_size).num_tokens

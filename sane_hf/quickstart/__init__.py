@@ -18,7 +18,7 @@ protocols of sane-hf — and writes one folder::
 Stages, in order: ``zoo`` (:func:`~sane_hf.zoo.dataset.build_zoo`), ``tokenize``
 (:func:`~sane_hf.zoo.dataset.fit_tokenizer_on_zoo` + :func:`~sane_hf.zoo.dataset.tokenize_zoo`),
 ``train`` (:func:`~sane_hf.training.train_sane`), ``pipeline``
-(:func:`~sane_hf.pipeline_sane.save_sane_pipeline`: remote code and ``custom_pipelines``),
+(:func:`~sane_hf.hub.save_sane_pipeline`: remote code and ``custom_pipelines``),
 ``probe`` (:func:`~sane_hf.probing.evaluate_zoo_probes`), ``sample``
 (:func:`~sane_hf.evaluation.evaluate_sampling`), ``card`` (:func:`~sane_hf.cards.render_model_card`)
 and ``report``.

@@ -39,8 +39,8 @@ _LAZY: dict[str, str] = {
     "tokenize_zoo": "sane_hf.zoo.dataset",
     "fit_tokenizer_on_zoo": "sane_hf.zoo.dataset",
     "with_numeric_format": "sane_hf.zoo.dataset",
-    "state_dict_to_bytes": "sane_hf.zoo.dataset",
-    "state_dict_from_bytes": "sane_hf.zoo.dataset",
+    "state_dict_to_bytes": "sane_hf.state_dict_io",
+    "state_dict_from_bytes": "sane_hf.state_dict_io",
     "split_model_ids": "sane_hf.zoo.dataset",
     # importers
     "import_zoo": "sane_hf.zoo.importers",
@@ -97,6 +97,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sane_hf.state_dict_io import state_dict_from_bytes, state_dict_to_bytes
     from sane_hf.zoo.dataset import (
         NUMERIC_COLUMNS,
         SPLITS,
@@ -109,8 +110,6 @@ if TYPE_CHECKING:  # pragma: no cover
         load_zoo_config,
         load_zoo_summary,
         split_model_ids,
-        state_dict_from_bytes,
-        state_dict_to_bytes,
         tokenize_zoo,
         with_numeric_format,
         zoo_model,

@@ -33,6 +33,7 @@ from sane_hf.serialization import (
     remove_if_only_bookkeeping,
     write_owner_marker,
 )
+from sane_hf.state_dict_io import state_dict_from_bytes, state_dict_to_bytes
 from sane_hf.zoo.loading import load_zoo
 from sane_hf.zoo.schema import (
     _UNKNOWN,
@@ -46,8 +47,6 @@ from sane_hf.zoo.schema import (
     _is_finite_state_dict,
     _is_unknown_value,
     _versions,
-    state_dict_from_bytes,
-    state_dict_to_bytes,
 )
 
 __all__ = ["build_zoo", "split_model_ids"]

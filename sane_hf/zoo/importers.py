@@ -79,6 +79,7 @@ import torch
 from datasets import DatasetDict
 
 from sane_hf.serialization import check_safetensors_header
+from sane_hf.state_dict_io import state_dict_from_bytes, state_dict_to_bytes
 from sane_hf.zoo.dataset import (
     PROPERTY_COLUMNS,
     ZOO_FEATURES,
@@ -90,8 +91,6 @@ from sane_hf.zoo.dataset import (
     _prepare_out_dir,
     _writes_zoo,
     load_zoo,
-    state_dict_from_bytes,
-    state_dict_to_bytes,
 )
 
 __all__ = [

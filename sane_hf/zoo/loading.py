@@ -16,12 +16,12 @@ import torch
 from datasets import Array2D, Dataset, DatasetDict, Features
 from torch import nn
 
+from sane_hf.state_dict_io import state_dict_from_bytes
 from sane_hf.zoo.schema import (
     NUMERIC_COLUMNS,
     SPLITS,
     ZOO_FEATURES,
     ZooConfig,
-    state_dict_from_bytes,
 )
 
 if TYPE_CHECKING:  # pragma: no cover

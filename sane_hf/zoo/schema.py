@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from datasets import Features, Value
 from sane_hf._version import __version__
 from sane_hf.constants import ZOO_CONFIG_FILE, ZOO_SUMMARY_FILE
 from sane_hf.serialization import JsonConfigMixin
+from sane_hf.state_dict_io import state_dict_from_bytes, state_dict_to_bytes
 
 __all__ = [
     "SPLITS",
@@ -289,38 +288,6 @@ def load_zoo_summary(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # weights <-> bytes
 # ---------------------------------------------------------------------------------------------
-
-
-def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialise a state_dict with safetensors (no pickle); the key order is kept in the metadata."""
-    from safetensors.torch import save
-
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a torch.Tensor")
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[key] = value.detach().to("cpu").contiguous().clone()
-    return save(tensors, metadata={"sane_hf.key_order": json.dumps(list(tensors))})
-
-
-def state_dict_from_bytes(data: bytes) -> OrderedDict[str, torch.Tensor]:
-    """Inverse of :func:`state_dict_to_bytes` (plain safetensors bytes work too)."""
-    from safetensors.torch import load
-
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"expected safetensors bytes, got {type(data).__name__}")
-    data = bytes(data)
-    tensors = load(data)
-    order = list(tensors)
-    try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        if "sane_hf.key_order" in meta:
-            order = json.loads(meta["sane_hf.key_order"])
-    except (struct.error, ValueError):  # pragma: no cover - load() already validated the header
-        pass
-    return OrderedDict((k, tensors[k]) for k in order)
 
 
 def _is_finite_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sane_hf.state_dict_io import safetensors_metadata
 from sane_hf.zoo.architectures import (
     ACTIVATIONS,
     INITS,
@@ -810,8 +811,7 @@ def _task_blob(task: TaskData) -> bytes:
 
 def _task_from_blob(blob: bytes) -> TaskData:
     tensors = safetensors.torch.load(blob)
-    header_len = int.from_bytes(blob[:8], "little")  # safetensors: u64 header size, then the JSON header
-    meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fields"])
+    meta = json.loads(safetensors_metadata(blob)["fields"])
     meta = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
     return TaskData(**tensors, **meta)
 

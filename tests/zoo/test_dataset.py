@@ -25,7 +25,6 @@ from sane_hf.zoo.dataset import (
     load_zoo_summary,
     split_model_ids,
     state_dict_from_bytes,
-    state_dict_to_bytes,
     tokenize_zoo,
     with_numeric_format,
     zoo_model,
@@ -71,18 +70,6 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError, match="unknown ZooConfig fields"):
         ZooConfig.from_dict({"tsak": "digits"})
     assert all("help" in f.metadata for f in ZooConfig.__dataclass_fields__.values())
-
-
-def test_state_dict_bytes_round_trip():
-    lin = nn.Linear(3, 2)
-    sd = {"b.weight": lin.weight, "a.bias": torch.zeros(2), "tied": lin.weight, "count": torch.tensor(7)}
-    sd["a.bias"][-1] = 0.0  # trailing zero bytes at the end of the blob
-    back = state_dict_from_bytes(state_dict_to_bytes(sd))
-    assert list(back) == list(sd)
-    for k in sd:
-        assert torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype
-    with pytest.raises(TypeError):
-        state_dict_from_bytes("not bytes")
 
 
 def test_split_model_ids_disjoint_and_covering():
