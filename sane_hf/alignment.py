@@ -57,8 +57,9 @@ detected. Sign/scale symmetries are out of scope.
 
 Example::
 
-    >>> from sane_hf.alignment import permutation_spec_for_arch, random_permutation
-    >>> spec = permutation_spec_for_arch("cnn-s", image_size=8)
+    >>> from sane_hf.alignment import permutation_spec
+    >>> from sane_hf.zoo.architectures import create_model
+    >>> spec = permutation_spec(create_model("cnn-s", image_size=8))
     >>> [g.name for g in spec.groups]
     ['conv1', 'conv2', 'conv3', 'fc1']
 """
@@ -67,7 +68,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -87,7 +87,6 @@ __all__ = [
     "PermutationGroup",
     "PermutationSpec",
     "permutation_spec",
-    "permutation_spec_for_arch",
     "identity_permutations",
     "random_permutations",
     "invert_permutations",
@@ -695,22 +694,6 @@ def permutation_spec(
     walker = _GraphWalker(gm, [k for k, _ in shapes], strict)
     walker.run()
     return walker.spec(shapes)
-
-
-def permutation_spec_for_arch(arch_name: str, **create_model_kwargs: Any) -> PermutationSpec:
-    """The spec of zoo architecture ``arch_name`` built with ``create_model(arch_name, **kwargs)``.
-
-    The example input is ``(2, in_channels, image_size, image_size)`` with ``create_model``'s
-    defaults for missing keywords.
-    """
-    from sane_hf.zoo.architectures import create_model
-
-    defaults = inspect.signature(create_model).parameters
-    in_channels = create_model_kwargs.get("in_channels", defaults["in_channels"].default)
-    image_size = create_model_kwargs.get("image_size", defaults["image_size"].default)
-    kwargs = {"init": "default", **create_model_kwargs}
-    model = create_model(arch_name, **kwargs)
-    return permutation_spec(model, torch.zeros(2, in_channels, image_size, image_size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -277,27 +277,30 @@ class SaneLegacyPositionEmbedding(nn.Module):
 POSITION_EMBEDDINGS = {"sinusoid-projection": SanePositionEmbedding, "learned-tables": SaneLegacyPositionEmbedding}
 
 
-def eager_attention(query, key, value, attention_mask, scaling, dropout):
-    """Explicit softmax(QK^T·scaling + mask)·V; `attention_mask` is additive, (B, 1, 1, T) or None."""
-    # (batch, heads, tokens, head_dim) x3 -> (batch, heads, tokens, head_dim)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (batch, heads, tokens, tokens)
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax(QK^T·scaling + mask)·V; `attention_mask` is additive, (B, 1, 1, T) or None.
+
+    The `"eager"` implementation; every other one comes from transformers' `ALL_ATTENTION_FUNCTIONS`
+    (same calling convention). Returns the output `(batch, tokens, heads, head_dim)` and the weights.
+    """
+    # (batch, heads, tokens, head_dim) x3 -> (batch, heads, tokens, tokens)
+    weights = torch.matmul(query, key.transpose(-2, -1)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0:
-        probs = F.dropout(probs, p=dropout)
-    return torch.matmul(probs, value)
-
-
-def sdpa_attention(query, key, value, attention_mask, scaling, dropout):
-    """`scaled_dot_product_attention`, bidirectional (`is_causal=False`), same additive mask as eager."""
-    # (batch, heads, tokens, head_dim) x3 -> (batch, heads, tokens, head_dim)
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=False, scale=scaling
-    )
-
-
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+        weights = F.dropout(weights, p=dropout)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (batch, tokens, heads, head_dim)
+    return out, weights
 
 
 class SaneAttention(nn.Module):
@@ -325,15 +328,11 @@ class SaneAttention(nn.Module):
             # A finite minimum (not -inf) keeps an all-padding window finite in both implementations.
             additive_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
             additive_mask = additive_mask.masked_fill(~attention_mask, torch.finfo(query.dtype).min)[:, None, None, :]
-        implementation = self.config._attn_implementation or "sdpa"
+        # "eager" is this file's function; "sdpa" and any other registered kernel come from transformers
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention_forward)
         dropout = self.dropout if self.training else 0.0
-        if implementation in ATTENTION_FUNCTIONS:
-            out = ATTENTION_FUNCTIONS[implementation](query, key, value, additive_mask, self.scaling, dropout)
-            out = out.transpose(1, 2)  # (batch, tokens, heads, head_dim)
-        else:  # any other kernel registered in transformers' AttentionInterface (same calling convention)
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
-            out, _ = attention(self, query, key, value, additive_mask, scaling=self.scaling, dropout=dropout, is_causal=False)
-        out = out.reshape(batch, tokens, -1)  # (batch, tokens, d_model)
+        out, _ = attention(self, query, key, value, additive_mask, scaling=self.scaling, dropout=dropout, is_causal=False)
+        out = out.reshape(batch, tokens, -1)  # (batch, tokens, heads, head_dim) -> (batch, tokens, d_model)
         return self.out_proj(out)
 
 

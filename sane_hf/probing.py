@@ -323,10 +323,12 @@ def _logistic(c: float, max_iter: int):
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    if ss_tot == 0.0:
-        return math.nan
-    return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot
+    """``sklearn.metrics.r2_score``, but NaN (undefined) for constant targets instead of sklearn's 0 or 1."""
+    from sklearn.metrics import r2_score
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # constant targets: x / 0
+        value = float(r2_score(y, pred, force_finite=False))
+    return value if math.isfinite(value) else math.nan
 
 
 def _probe_regression(result: ProbeResult, data, alphas: Sequence[float], refit: str) -> None:

@@ -551,8 +551,7 @@ def _permutation_spec(zoo_config: ZooConfig | None) -> tuple[PermutationSpec | N
     """The spec of the zoo's architecture, or (None, why not)."""
     if zoo_config is None:
         return None, "the zoo has no zoo_config.json naming its architecture (pass permutation_spec=...)"
-    from sane_hf.alignment import permutation_spec_for_arch
-    from sane_hf.zoo.architectures import list_architectures
+    from sane_hf.zoo.architectures import list_architectures, permutation_spec_for_arch
 
     if getattr(zoo_config, "arch_entrypoint", None):  # the user's module: derived from its graph likewise
         from sane_hf.alignment import permutation_spec

@@ -18,12 +18,11 @@ from sane_hf.alignment import (
     apply_permutation,
     invert_permutations,
     permutation_spec,
-    permutation_spec_for_arch,
     random_permutation,
     random_permutations,
     state_dict_distance,
 )
-from sane_hf.zoo.architectures import create_model
+from sane_hf.zoo.architectures import create_model, permutation_spec_for_arch
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sane_hf.alignment import permutation_spec, permutation_spec_for_arch
+from sane_hf.alignment import permutation_spec
 from sane_hf.data import (
     Augmentation,
     EpochSampler,
@@ -16,6 +16,7 @@ from sane_hf.data import (
     token_shape,
 )
 from sane_hf.tokenization_sane import WeightTokenizer, WeightTokens
+from sane_hf.zoo.architectures import permutation_spec_for_arch
 from sane_hf.zoo.dataset import (
     fit_tokenizer_on_zoo,
     load_zoo_config,

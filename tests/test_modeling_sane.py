@@ -256,6 +256,30 @@ def test_eager_and_sdpa_agree_with_padding():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attention_is_the_reference_computation_bit_for_bit(implementation):
+    """eager: softmax(QK^T·d^-1/2 + mask)·V written out; sdpa: torch's kernel called directly; padded keys masked."""
+    import torch.nn.functional as F
+
+    model = tiny_model()
+    model.set_attn_implementation(implementation)
+    layer = model.encoder.layers[0].attention
+    batch, tokens, heads, head_dim = 2, 6, layer.num_heads, layer.head_dim
+    hidden = torch.randn(batch, tokens, heads * head_dim, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[1, -2:] = False
+    with torch.no_grad():
+        got = layer(hidden, mask)
+        q, k, v = layer.qkv(hidden).view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        additive = torch.zeros(batch, 1, 1, tokens).masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
+        if implementation == "eager":
+            ref = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5 + additive, dim=-1) @ v
+        else:
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=head_dim**-0.5)
+        ref = layer.out_proj(ref.transpose(1, 2).reshape(batch, tokens, -1))
+    assert torch.equal(got, ref)
+
+
 # ---------------------------------------------------------------------------------- positions
 
 

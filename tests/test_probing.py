@@ -230,3 +230,13 @@ def test_zoo_split_errors(zoo_and_model):
     bad = DatasetDict({**zoo, "test": zoo["test"].map(lambda r: {"weights": state_dict_to_bytes(wrong.state_dict())})})
     with pytest.raises(ValueError, match=r"inputs\[0\]\['0.weight'\] has shape \(5, 3\)"):
         evaluate_zoo_probes(model, tok, bad, ["test_acc"])
+
+
+def test_r2_is_sklearns_and_nan_for_constant_targets():
+    from sane_hf.probing import _r2
+
+    y, pred = np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.0, 3.0])
+    assert _r2(y, pred) == pytest.approx(1 - 1 / np.sum((y - y.mean()) ** 2), rel=1e-12)  # 1 - SSE/SST
+    assert _r2(y, y) == 1.0
+    assert math.isnan(_r2(np.full(4, 0.5), np.array([0.5, 0.4, 0.6, 0.5])))  # sklearn alone would say 0.0
+    assert math.isnan(_r2(np.full(4, 0.5), np.full(4, 0.5)))  # ... or 1.0

@@ -369,7 +369,8 @@ def test_bad_inputs_give_clear_errors(sane, tok, prompts):
 def test_token_mode_on_aligned_resnet_anchors_loads_strictly():
     from sklearn.datasets import load_digits
 
-    from sane_hf.alignment import align_to, permutation_spec_for_arch, state_dict_distance
+    from sane_hf.alignment import align_to, state_dict_distance
+    from sane_hf.zoo.architectures import permutation_spec_for_arch
 
     kwargs = dict(in_channels=1, image_size=8, width=4)
     digits = load_digits()

@@ -26,12 +26,16 @@ masks exactly (see :func:`dropout_mask`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sane_hf.alignment import PermutationSpec
 
 __all__ = [
     "ACTIVATIONS",
@@ -39,6 +43,7 @@ __all__ = [
     "register_architecture",
     "list_architectures",
     "create_model",
+    "permutation_spec_for_arch",
     "init_weights",
     "dropout_mask",
     "SeededDropout",
@@ -353,3 +358,19 @@ def create_model(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     init_weights(model, init, generator)
     return model
+
+
+def permutation_spec_for_arch(arch_name: str, **create_model_kwargs: Any) -> PermutationSpec:
+    """The permutation symmetry of architecture ``arch_name`` built with ``create_model(arch_name, **kwargs)``.
+
+    Derived from the module graph by :func:`sane_hf.alignment.permutation_spec`; the example input
+    is ``(2, in_channels, image_size, image_size)`` with ``create_model``'s defaults for missing keywords.
+    """
+    from sane_hf.alignment import permutation_spec
+
+    defaults = inspect.signature(create_model).parameters
+    in_channels = create_model_kwargs.get("in_channels", defaults["in_channels"].default)
+    image_size = create_model_kwargs.get("image_size", defaults["image_size"].default)
+    kwargs = {"init": "default", **create_model_kwargs}
+    model = create_model(arch_name, **kwargs)
+    return permutation_spec(model, torch.zeros(2, in_channels, image_size, image_size))

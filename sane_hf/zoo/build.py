@@ -676,8 +676,7 @@ class _Aligner:
 
 
 def _make_aligner(config: ZooConfig, store: _PartStore) -> _Aligner:
-    from sane_hf.alignment import permutation_spec
-    from sane_hf.zoo.architectures import create_model
+    from sane_hf.zoo.architectures import permutation_spec_for_arch
 
     reference: dict[str, Any] | None = None
     final_epoch: dict[int, int] = {}
@@ -690,10 +689,7 @@ def _make_aligner(config: ZooConfig, store: _PartStore) -> _Aligner:
             if row["epoch"] == final_epoch[reference_id]:
                 reference = row
     assert reference is not None
-    kwargs = config.model_kwargs()
-    module = create_model(config.arch, init="default", **kwargs)
-    example = torch.zeros(2, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
-    spec = permutation_spec(module, example)
+    spec = permutation_spec_for_arch(config.arch, **config.model_kwargs())
     return _Aligner(spec, state_dict_from_bytes(reference["weights"]), reference_id, final_epoch)
 
 
