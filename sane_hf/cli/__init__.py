@@ -1,5 +1,11 @@
 """The ``sane-hf`` command line. Each subcommand lives in its own module of this package and
-exposes ``register(subparsers)``; this module only assembles them."""
+exposes ``HELP`` (its one line in ``sane-hf --help``) and ``register(subparsers)``; this module only
+assembles them.
+
+Starting is fast: the subcommand modules import nothing heavy at module level, and only the
+subcommand being run builds its flags (which may need torch or transformers for the configs they
+come from), so ``sane-hf --help`` imports neither torch nor transformers. The work itself imports
+what it needs inside the command function."""
 
 from __future__ import annotations
 
@@ -13,7 +19,13 @@ __all__ = ["main", "build_parser", "SUBCOMMAND_MODULES", "silence_library_progre
 SUBCOMMAND_MODULES = ("zoo", "train", "probe", "sample", "push", "quickstart")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` runs: its first word that is not an option (the top level has only options)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``sane-hf`` parser; given ``argv``, only the subcommand it names gets its flags (the others: name and help)."""
     from sane_hf import __version__
 
     parser = argparse.ArgumentParser(
@@ -22,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sane-hf {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _chosen_command(argv) if argv is not None else None
     for name in SUBCOMMAND_MODULES:
         module_name = f"sane_hf.cli.{name}"
         try:
@@ -30,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == module_name:
                 continue
             raise
-        module.register(subparsers)
+        if argv is None or name == chosen:
+            module.register(subparsers)
+        else:
+            subparsers.add_parser(name, help=module.HELP)
     return parser
 
 
@@ -108,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     (Ctrl-C: exit code 130); set ``SANE_HF_TRACEBACK=1`` to see the full traceback instead."""
     import os
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

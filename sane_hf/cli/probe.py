@@ -28,6 +28,10 @@ from sane_hf.serialization import writes_folder
 __all__ = ["register", "run_probe"]
 
 
+#: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
+HELP = "predict model properties from SANE embeddings (linear probes vs baselines)"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import add_runtime_flags
     from sane_hf.embedding import DEFAULT_POOLING, POOLINGS
@@ -35,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "probe",
-        help="predict model properties from SANE embeddings (linear probes vs baselines)",
+        help=HELP,
         description=(
             "Embed every split of a zoo with a trained SANE model and fit linear probes (Ridge for continuous "
             "properties, LogisticRegression for categorical ones; penalty chosen on the validation split) from "

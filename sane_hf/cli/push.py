@@ -25,12 +25,16 @@ from typing import Any
 __all__ = ["register", "run_push"]
 
 
+#: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
+HELP = "publish a trained SANE model (and its zoo) on the Hugging Face Hub"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import add_runtime_flags
 
     p = subparsers.add_parser(
         "push",
-        help="publish a trained SANE model (and its zoo) on the Hugging Face Hub",
+        help=HELP,
         description=(
             "Stage a trained SANE model folder as a self-contained Hub repo (weights, weight tokenizer, remote code "
             "with auto_map and the weight-sampling pipeline, configs, measurements, model card) and push it in one "

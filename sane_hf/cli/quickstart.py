@@ -19,12 +19,16 @@ from pathlib import Path
 __all__ = ["register", "run_quickstart_command"]
 
 
+#: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
+HELP = "the main job on embedded defaults: build zoo -> train -> probe -> sample -> report"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import positive_int
 
     p = subparsers.add_parser(
         "quickstart",
-        help="the main job on embedded defaults: build zoo -> train -> probe -> sample -> report",
+        help=HELP,
         description=(
             "Build a digits zoo of cnn-s models, train a small SANE, probe its embeddings against baselines, "
             "sample new models and evaluate them, and write report.md (with a verdict in words), all in one output "

@@ -33,6 +33,10 @@ __all__ = ["register", "run_sample"]
 _SKIP = ("window", "halo")  # advanced: kept at the model's defaults on the command line
 
 
+#: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
+HELP = "sample new models from a trained SANE (and evaluate them against baselines)"
+
+
 def _epochs(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
@@ -73,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "sample",
-        help="sample new models from a trained SANE (and evaluate them against baselines)",
+        help=HELP,
         description=(
             "Sample models around the best test models of a zoo with a trained SANE (KDE in latent space, "
             "optional subsampling by training accuracy and bootstrapping) and save them as safetensors. "

@@ -23,6 +23,10 @@ from typing import Any
 __all__ = ["register", "run_train", "format_summary"]
 
 
+#: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
+HELP = "train SANE on a model zoo (Accelerate: CPU, GPU, multi-process)"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -40,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
         parents=[fields],
-        help="train SANE on a model zoo (Accelerate: CPU, GPU, multi-process)",
+        help=HELP,
         description=(
             "Train a SANE autoencoder on a zoo and write the model, its tokenizer and metrics.json to --out. "
             "Checkpoints go to --out/checkpoints; --resume continues the newest one exactly. "

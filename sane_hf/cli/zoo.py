@@ -21,6 +21,10 @@ from typing import Any
 __all__ = ["register", "run_build", "run_import", "format_summary", "small_split_warning"]
 
 
+#: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
+HELP = "build or import model zoos (Hugging Face datasets of checkpoints)"
+
+
 def _help(name: str) -> str:
     """The ``help`` metadata of ``ZooConfig.<name>`` with its default (one class drives API and CLI)."""
     from sane_hf.zoo.dataset import ZooConfig
@@ -48,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = ZooConfig()
     zoo = subparsers.add_parser(
         "zoo",
-        help="build or import model zoos (Hugging Face datasets of checkpoints)",
+        help=HELP,
         description="Build a population of trained models, or import one, as a Hugging Face dataset folder.",
     )
     zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
