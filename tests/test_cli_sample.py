@@ -11,7 +11,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sane_hf.cli import main
-from sane_hf.evaluation import SamplingEvalConfig
 from sane_hf.zoo.architectures import create_model
 
 GROUPS = {"sampled", "random_init", "noise", "noise_matched_accuracy", "aligned_average", "prompts"}
@@ -85,33 +84,6 @@ def test_sample_without_evaluate_and_errors(zoo_and_model, capsys):
     with pytest.raises(SystemExit):  # argparse: bad epochs list
         main(["sample", "--model", str(root / "sane"), "--zoo", str(root / "zoo"), "--out", str(out),
               "--finetune-epochs", "a,b"])
-    with pytest.raises(ValueError, match="mode"):
-        SamplingEvalConfig(mode="individual")
-
-
-def test_prompt_selection_relaxes_the_activation_filter_and_says_why():
-    from datasets import Dataset
-
-    from sane_hf.evaluation import choose_prompts
-
-    split = Dataset.from_dict({
-        "model_id": [0, 1, 2, 3, 4, 5], "epoch": [2, 2, 2, 2, 2, 1], "test_acc": [0.9, 0.8, 0.7, 0.6, 0.5, 0.95],
-        "activation": ["tanh", "relu", "relu", "relu", "tanh", "tanh"],
-    })
-    # the best model (0) is tanh, but only 2 tanh models have epoch 2: relu gives the 3 asked
-    sel = choose_prompts(split, num_prompts=3, epoch=None)
-    assert [r["model_id"] for r in sel.rows] == [1, 2, 3] and sel.activation == "relu" and sel.epoch == 2
-    assert sel.removed == {"epoch": [5], "activation": [0, 4]}
-    assert "activation 'tanh' has 2 test model(s) at epoch 2, fewer than the 3 asked; took 'relu'" in sel.notes[0]
-    # enough models with the best model's activation: it is kept
-    sel = choose_prompts(split, num_prompts=2, epoch=None)
-    assert [r["model_id"] for r in sel.rows] == [0, 4] and sel.activation == "tanh"
-    # a named activation is kept as asked, and the shortfall is explained
-    sel = choose_prompts(split, num_prompts=4, epoch=None, activation="tanh")
-    assert len(sel.rows) == 2 and "4" in sel.explain() and "filter activation removed model(s) [1, 2, 3]" in sel.explain()
-    # your own architecture: the activation column does not filter
-    sel = choose_prompts(split, num_prompts=3, epoch=None, uses_activation=False)
-    assert [r["model_id"] for r in sel.rows] == [0, 1, 2] and sel.activation == "any"
 
 
 def test_one_prompt_with_a_bandwidth_rule_is_explained_and_writes_nothing(zoo_and_model):

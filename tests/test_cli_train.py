@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import run_python
 
 from sane_hf.cli import main
 from sane_hf.modeling_sane import SaneModel
@@ -96,10 +97,6 @@ print(json.dumps({
 
 def test_trained_folder_loads_with_pipeline_in_a_fresh_process(zoo_dir, tmp_path):
     """`sane-hf train` output is pipeline-ready: remote code, custom_pipelines for both tasks, a model card."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import save_file
 
     from sane_hf.zoo.dataset import state_dict_from_bytes
@@ -118,12 +115,8 @@ def test_trained_folder_loads_with_pipeline_in_a_fresh_process(zoo_dir, tmp_path
         path = tmp_path / f"prompt_{i}.safetensors"
         save_file({k: v.contiguous() for k, v in state_dict_from_bytes(rows[i]["weights"]).items()}, str(path))
         prompts.append(str(path))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    # a fresh interpreter outside the repository: only the folder's own remote code is there to run
-    done = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, str(out), *prompts], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    # a fresh interpreter without sane_hf: only the folder's own remote code is there to run
+    done = run_python(_PIPELINE_SCRIPT, out, *prompts, cwd=tmp_path, without_sane_hf=True, timeout=600)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["samples"] == 2 and result["keys_match"] and result["embedding_rows"] == 2
     assert result["sampler"].startswith("transformers_modules")  # the folder's code, not an installed sane_hf

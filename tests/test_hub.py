@@ -13,8 +13,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from contextlib import contextmanager, redirect_stdout
@@ -23,7 +21,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import populate_hub_cache
+from helpers import populate_hub_cache, run_python
 from huggingface_hub import CommitInfo, DatasetCard, HfApi, ModelCard, RepoUrl
 
 from sane_hf import SaneConfig, SaneModel, WeightTokenizer
@@ -383,15 +381,7 @@ def test_zoo_from_hub_cache_offline(zoo_folder, tmp_path):
 
 _OFFLINE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, sys, torch
-
-    class NoSaneHf(importlib.abc.MetaPathFinder):  # a machine without sane_hf: remote code only
-        def find_spec(self, name, path=None, target=None):
-            if name == "sane_hf" or name.startswith("sane_hf."):
-                raise ImportError(f"sane_hf is blocked in this process ({name})")
-
-    blocker = NoSaneHf()
-    sys.meta_path.insert(0, blocker)
+    import sys, torch
     from transformers import AutoModel, pipeline
 
     inputs = torch.load(sys.argv[1], weights_only=True)
@@ -413,7 +403,7 @@ _OFFLINE_SCRIPT = textwrap.dedent(
     out["pipe"] = [s["state_dict"] for s in samples]
     out["pipe_scores"] = [s["score"] for s in samples]
 
-    sys.meta_path.remove(blocker)
+    sys.meta_path.remove(NO_SANE_HF)  # now as on a machine with sane_hf installed
     from sane_hf import SaneModel
 
     out["sane"] = run(SaneModel.from_pretrained("org/sane-tiny"))
@@ -434,14 +424,8 @@ def test_offline_hub_cache_load_in_fresh_process(staged, tiny, tmp_path):
               "prompts": prompts}
     torch.save(inputs, tmp_path / "inputs.pt")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_python(_OFFLINE_SCRIPT, tmp_path / "inputs.pt", tmp_path / "out.pt", cwd=tmp_path, env={"HF_HOME": str(home)},
+               without_sane_hf=True, timeout=240)
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["auto_module"].startswith("transformers_modules.")  # the repo's code, not sane_hf
     assert out["pipe_module"].startswith("transformers_modules.")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_python
 
 from sane_hf.metrics import METRICS, PropertyProbe, SampledAccuracyGain, load_metric, metric_path
 
@@ -54,11 +53,6 @@ print(round(probe.compute(predictions=[1.0, 2.0, 3.0], references=[1.0, 2.0, 4.0
 
 def test_modules_load_offline_from_their_folders(tmp_path):
     """``evaluate.load(<folder>)`` in a fresh process with no network and no sane_hf on the path."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
-    done = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, metric_path("property_probe"), metric_path("sampled_accuracy_gain")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(_LOAD_SCRIPT, metric_path("property_probe"), metric_path("sampled_accuracy_gain"), cwd=tmp_path,
+                      env={"HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, without_sane_hf=True, timeout=600)
     assert done.stdout.split() == [str(round(1 - 9 / 42, 6)), "0.25", "PropertyProbe"]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from helpers import run_python
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel
 
@@ -423,11 +421,5 @@ def test_remote_code_loads_without_sane_hf(tmp_path):
     with torch.no_grad():
         latents = model.encode(x["tokens"], x["positions"], x["attention_mask"]).latents
     torch.save({**x, "latents": latents}, folder / "expected.pt")
-    (tmp_path / "check.py").write_text(REMOTE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "check.py"), str(folder)], cwd=tmp_path, env=env,
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0 and "REMOTE-OK" in result.stdout, result.stdout + result.stderr
+    result = run_python(REMOTE_SCRIPT, folder, cwd=tmp_path, without_sane_hf=True, timeout=120)
+    assert "REMOTE-OK" in result.stdout, result.stdout

@@ -10,7 +10,8 @@ import nbclient
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -23,12 +24,14 @@ def test_notebooks_are_committed_without_outputs():
         assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} holds outputs"
 
 
-def test_python3_kernel_is_this_python():
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    spec = KernelSpecManager().get_kernel_spec("python3")
-    # jupyter_client runs a kernel whose argv[0] is "python" with sys.executable
-    assert spec.argv[0] in ("python", "python3", sys.executable), spec.argv
+def test_kernel_is_this_python_with_this_checkout(tmp_path):
+    """The notebooks' ``python3`` kernel runs this interpreter and imports this checkout's sane_hf."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys, sane_hf\nprint(sys.executable, sane_hf.__file__)")])
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    executable, package = nb.cells[0].outputs[0]["text"].split()
+    assert executable == sys.executable
+    assert Path(package).resolve() == ROOT / "sane_hf" / "__init__.py"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from helpers import run_python
 from transformers import pipeline
 from transformers.dynamic_module_utils import get_imports
 
@@ -123,16 +122,8 @@ def test_save_with_both_tasks(parts, tmp_path):
 
 REMOTE = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
     import torch
-
-    class NoSaneHF(importlib.abc.MetaPathFinder):  # as if sane_hf were not installed
-        def find_spec(self, name, path, target=None):
-            if name == "sane_hf" or name.startswith("sane_hf."):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, NoSaneHF())
     from transformers import pipeline
 
     folder, prompts = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
@@ -149,13 +140,8 @@ REMOTE = textwrap.dedent(
 
 def test_remote_code_in_a_fresh_process_without_sane_hf(parts, saved, tmp_path):
     sane, tok, prompts = parts
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH"))}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE, str(saved / "model"), str(saved / "prompts.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_python(REMOTE, saved / "model", saved / "prompts.pt", tmp_path / "out.pt", cwd=tmp_path,
+                        without_sane_hf=True)
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["class"].startswith("transformers_modules.") and info["class"].endswith("pipeline_sane")
     assert info["task"] == "weight-sampling" and not info["sane_hf_loaded"]

@@ -9,6 +9,7 @@ that it stays a complete Hub folder.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,12 +85,54 @@ def test_pipeline_samples_load_strictly():
             torch.testing.assert_close(s["state_dict"][key], t["state_dict"][key])  # same seed, same samples
 
 
-@pytest.mark.parametrize("name", ["probe_metrics.json", "metrics.json"])
-def test_card_numbers_come_from_measurements(name):
-    """The model card is rendered from the measured files shipped beside it."""
-    assert (CKPT / name).is_file()
-    card = (CKPT / "README.md").read_text()
-    assert "R²" in card or "r2" in card.lower()
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table of ``markdown``: rows of stripped cells, header first, separator rows left out."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _shown(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _key(cell: str) -> str:
+    """The raw key a row names: ``test_acc`` in ``test_acc`` or in "test accuracy (`test_acc`)"."""
+    found = re.search(r"`([^`]+)`", cell)
+    return found.group(1) if found else cell
+
+
+def test_card_probe_table_shows_probe_metrics_json():
+    probe = json.loads((CKPT / "probe_metrics.json").read_text())["metrics"]
+    (table,) = [t for t in _tables((CKPT / "README.md").read_text()) if t[0][:2] == ["property", "metric"]]
+    header, rows = table[0], {_key(row[0]): row for row in table[1:]}
+    assert set(rows) == set(probe)
+    for prop, values in probe.items():
+        for title, method in (("SANE", "sane"), ("layer statistics", "layer_stats"), ("raw weights", "raw")):
+            shown = _shown(rows[prop][header.index(title)])
+            assert shown == pytest.approx(values[method], rel=5e-4, abs=5e-5), (prop, method, shown)
+
+
+def test_card_training_table_shows_metrics_json():
+    metrics = json.loads((CKPT / "metrics.json").read_text())
+    (table,) = [t for t in _tables((CKPT / "README.md").read_text()) if t[0] == ["metric", "meaning", "value"]]
+    assert len(table) > 10
+    for name, _, shown in table[1:]:
+        value = metrics[_key(name)]
+        if value is None:
+            assert shown == "not measured", name
+        elif isinstance(value, bool):
+            assert shown == ("yes" if value else "no"), name
+        else:
+            assert _shown(shown) == pytest.approx(value, rel=5e-4, abs=5e-5), (name, shown)
 
 
 def test_shipped_checkpoint_embeds_a_real_transformer():
