@@ -1,4 +1,8 @@
-"""Publishing SANE checkpoints and model zoos on the Hugging Face Hub.
+"""Hub-ready SANE model folders, and publishing checkpoints and model zoos on the Hugging Face Hub.
+
+A model folder (:func:`save_sane_pipeline`, :func:`save_model_folder`) holds the weights, the
+tokenizer, ``config.json`` with ``auto_map`` and ``custom_pipelines``, and the remote code: the
+package's own files (:func:`remote_code_files`), copied unchanged by transformers.
 
 Models
 ------
