@@ -62,10 +62,15 @@ __all__ = [
 METHODS = tuple(METHOD_NAMES)
 #: The property of the probe's plots.
 PLOT_PROPERTY = "test_acc"
-_PLOT_PROPERTY = PLOT_PROPERTY
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------------------------
 
 
 def format_seconds(seconds: float | None) -> str:
+    """``"12.3 s"`` or ``"2 min 05 s"``; ``"—"`` when unknown."""
     if seconds is None or not math.isfinite(seconds):
         return "—"
     if seconds < 60:
@@ -75,6 +80,7 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def format_number(value: Any, spec: str = ".3f") -> str:
+    """A number with ``spec`` (3 decimals by default); ``"—"`` for None, ``"nan"`` for non-finite floats."""
     if value is None:
         return "—"
     if isinstance(value, float) and not math.isfinite(value):
@@ -98,7 +104,13 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# the quickstart: stage notes, report.md and the printed summary
+# ----------------------------------------------------------------------------------------------
+
+
 def probe_note(probe: Mapping[str, Any]) -> str:
+    """One line of a probe payload for a stage summary: test accuracy R² per method."""
     row = (probe.get("metrics") or {}).get("test_acc") or {}
     if not row:
         return ""
@@ -106,6 +118,7 @@ def probe_note(probe: Mapping[str, Any]) -> str:
 
 
 def sampling_note(sampling: Mapping[str, Any]) -> str:
+    """One line of a sampling evaluation for a stage summary: epoch-0 accuracy of samples and random init."""
     acc = sampling.get("accuracy") or {}
     sampled, random_init = acc.get("sampled") or {}, acc.get("random_init") or {}
     if "0" not in sampled:
@@ -320,6 +333,7 @@ def _split_sizes(sizes: Mapping[str, Any]) -> str:
 
 
 def torch_version() -> str:
+    """The installed torch version (named in the report)."""
     import torch
 
     return torch.__version__
@@ -354,13 +368,18 @@ def format_summary(
     return "\n".join(parts)
 
 
+# ----------------------------------------------------------------------------------------------
+# the probe: plots and the printed table
+# ----------------------------------------------------------------------------------------------
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, works headless (Agg)
 
     return Figure(figsize=(width, height), dpi=110)
 
 
-def plot_predictions(report: Any, path: Path, target: str = _PLOT_PROPERTY) -> bool:
+def plot_predictions(report: Any, path: Path, target: str = PLOT_PROPERTY) -> bool:
     """Scatter predicted vs true ``target`` of the test models, one panel per method on shared axes.
 
     The axes span the true values' range (padded); a prediction outside it is drawn clipped to the
@@ -399,7 +418,7 @@ def plot_predictions(report: Any, path: Path, target: str = _PLOT_PROPERTY) -> b
     return True
 
 
-def plot_embedding_map(report: Any, path: Path, colour: str = _PLOT_PROPERTY) -> bool:
+def plot_embedding_map(report: Any, path: Path, colour: str = PLOT_PROPERTY) -> bool:
     """2-D PCA (fitted on train) of the SANE embeddings of every split, coloured by ``colour``."""
     import numpy as np
     from sklearn.decomposition import PCA
@@ -467,6 +486,11 @@ def format_probe_summary(payload: dict[str, Any]) -> str:
     if overall:
         lines += ["", overall, *(f"  - {line}" for line in verdicts)]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling: the printed evaluation
+# ----------------------------------------------------------------------------------------------
 
 
 def _mean_pm_std(summary: dict[str, Any] | None) -> str:

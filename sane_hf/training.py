@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from sane_hf.constants import METRICS_FILE, TRAINING_CONFIG_FILE, ZOO_CONFIG_FILE
-from sane_hf.serialization import JsonConfigMixin
+from sane_hf.serialization import JsonConfigMixin, json_default
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -352,14 +352,6 @@ class StepInfo:
     accelerator: Accelerator
 
 
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -913,7 +905,7 @@ def _write_final(
             shutil.copyfile(zoo.zoo_config_path, tmp / ZOO_CONFIG_FILE)
         elif zoo.zoo_config is not None:
             zoo.zoo_config.to_json_file(tmp / ZOO_CONFIG_FILE)
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=json_default) + "\n")
         write_model_card(tmp, model_name=output_dir.resolve().name)
         (output_dir / METRICS_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is back
         names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != METRICS_FILE)
