@@ -45,6 +45,8 @@ __all__ = [
     "markdown_table",
     "text_table",
     "torch_version",
+    "zoo_note",
+    "training_note",
     "probe_note",
     "sampling_note",
     "verdict_lines",
@@ -107,6 +109,23 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # ----------------------------------------------------------------------------------------------
 # the quickstart: stage notes, report.md and the printed summary
 # ----------------------------------------------------------------------------------------------
+
+
+def zoo_note(summary: Mapping[str, Any]) -> str:
+    """One line of a zoo summary for a stage summary: models, checkpoints, final test accuracy."""
+    final = (summary.get("final_test_acc") or {}).get("mean")
+    return (
+        f"{summary.get('num_models')} models, {summary.get('num_checkpoints')} checkpoints, "
+        f"final test accuracy mean {format_number(final)}"
+    )
+
+
+def training_note(metrics: Mapping[str, Any]) -> str:
+    """One line of the training metrics for a stage summary: steps, throughput, reconstruction R²."""
+    return (
+        f"{metrics.get('steps')} steps, {format_number(metrics.get('tokens_per_second'), ',.0f')} tokens/s, "
+        f"val reconstruction R² {format_number(metrics.get('val_reconstruction_r2'))}"
+    )
 
 
 def probe_note(probe: Mapping[str, Any]) -> str:

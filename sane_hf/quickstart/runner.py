@@ -39,13 +39,14 @@ from sane_hf.hub import PIPELINE_TASKS, save_model_folder
 from sane_hf.jobs import load_sane, run_probe_job
 from sane_hf.quickstart.config import QuickstartConfig
 from sane_hf.reports import (
-    format_number,
     format_seconds,
     format_summary,
     probe_note,
     render_report,
     sampling_note,
     torch_version,
+    training_note,
+    zoo_note,
 )
 from sane_hf.serialization import atomic_write_text, json_default, read_json, writes_folder
 from sane_hf.verdicts import degenerate_baselines
@@ -149,12 +150,7 @@ def _stage_zoo(config: QuickstartConfig, zoo_dir: Path, progress: bool) -> tuple
             ) from err
         raise
     summary = load_zoo_summary(zoo_dir)
-    final = (summary.get("final_test_acc") or {}).get("mean")
-    note = (
-        f"{summary.get('num_models')} models, {summary.get('num_checkpoints')} checkpoints, "
-        f"final test accuracy mean {format_number(final)}"
-    )
-    return zoo, complete, note
+    return zoo, complete, zoo_note(summary)
 
 
 def _stage_tokenize(config: QuickstartConfig, zoo: Any) -> tuple[Any, Any, str]:
@@ -185,11 +181,7 @@ def _stage_train(
 
 
 def _training_note(model_dir: Path) -> str:
-    m = _read_json(model_dir / TRAINING_METRICS_FILE) or {}
-    return (
-        f"{m.get('steps')} steps, {format_number(m.get('tokens_per_second'), ',.0f')} tokens/s, val reconstruction "
-        f"R² {format_number(m.get('val_reconstruction_r2'))}"
-    )
+    return training_note(_read_json(model_dir / TRAINING_METRICS_FILE) or {})
 
 
 def _has_pipeline(model_dir: Path) -> bool:
