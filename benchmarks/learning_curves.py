@@ -84,9 +84,11 @@ class Variant:
     training: dict[str, Any] = field(default_factory=dict)
     readout: str = "layer"
     token_size: int = 64
+    whole_model_window: bool = False  # one window over the whole model even when it is longer than the preset's
 
 
-#: The recipe is the library's defaults (``sane_config_preset("small")`` with a whole-model window,
+#: The recipe is the library's defaults (``sane_config_preset("small", num_tokens=...)``: a whole-model window when
+#: the model is shorter than the preset's window of 64,
 #: ``SaneTrainingConfig()``, ``DEFAULT_POOLING``); every other variant changes one thing.
 VARIANTS: dict[str, Variant] = {
     "recipe": Variant("the recipe: library defaults (small preset, whole-model window, layer readout)"),
@@ -101,8 +103,8 @@ VARIANTS: dict[str, Variant] = {
     "dropout0.1": Variant("dropout 0.1", model={"dropout": 0.1}),
     "latent16": Variant("latent_dim 16 (4x compression of a 64-value token)", model={"latent_dim": 16}),
     "no-latent-norm": Variant("no final LayerNorm before the latent projection", model={"latent_norm": False}),
-    "window32": Variant("windows of 32 tokens (shorter than the model)", model={"window_size": 32}),
-    "token32": Variant("token size 32", token_size=32),
+    "window32": Variant("windows of 32 tokens (shorter than the model)", model={"window_size": 32, "halo_size": 0}),
+    "token32": Variant("token size 32 (a whole-model window of 60 tokens)", token_size=32, whole_model_window=True),
     "d128-4+4": Variant("d_model 128, 4+4 layers (the 'defaults' preset's width and depth)",
                         model={"d_model": 128, "num_encoder_layers": 4, "num_decoder_layers": 4}),
     "lr3e-3": Variant("learning rate 3e-3", training={"learning_rate": 3e-3}),
@@ -110,8 +112,8 @@ VARIANTS: dict[str, Variant] = {
     "batch64": Variant("batch 64", training={"batch_size": 64}),
     "gamma0.5": Variant("gamma 0.5 (contrast weighted like reconstruction)", model={"gamma": 0.5}),
     "no-permutation": Variant("no permutation views", training={"permutation": False}),
-    "no-latent-norm+token32": Variant("no final LayerNorm before the latent, token size 32",
-                                      model={"latent_norm": False}, token_size=32),
+    "no-latent-norm+token32": Variant("no final LayerNorm before the latent, token size 32 (whole-model window)",
+                                      model={"latent_norm": False}, token_size=32, whole_model_window=True),
     "no-latent-norm+gamma0.5": Variant("no final LayerNorm before the latent, gamma 0.5",
                                        model={"latent_norm": False, "gamma": 0.5}),
     "no-noise-erase": Variant("no noise, no erasing", training={"noise_std": 0.0, "erase_prob": 0.0}),
@@ -191,7 +193,7 @@ def run_row(row: Row, work: Path) -> dict[str, Any]:
     import torch
 
     from sane_hf import load_zoo
-    from sane_hf.embedding import _state_dict_from_bytes
+    from sane_hf.state_dict_io import state_dict_from_bytes
     from sane_hf.tokenization_sane import WeightTokenizer
     from sane_hf.training import SaneTrainingConfig, latest_checkpoint, sane_config_preset, train_sane
 
@@ -204,9 +206,12 @@ def run_row(row: Row, work: Path) -> dict[str, Any]:
     cpu = {int(k): v for k, v in cpu.items()}
     if not (run_dir / "metrics.json").exists():
         first = load_zoo(zoo_dir)["train"][0]["weights"]
-        num_tokens = WeightTokenizer.from_reference(_state_dict_from_bytes(first), token_size=variant.token_size).num_tokens
-        model_kwargs = {"window_size": num_tokens, "halo_size": 0, **variant.model}
-        config = sane_config_preset("small", token_size=variant.token_size, **model_kwargs)
+        num_tokens = WeightTokenizer.from_reference(state_dict_from_bytes(first), token_size=variant.token_size).num_tokens
+        if variant.whole_model_window:
+            config = sane_config_preset("small", token_size=variant.token_size, window_size=num_tokens, halo_size=0,
+                                        **variant.model)
+        else:  # the library's rule (as `sane-hf train`): a whole-model window when the model is shorter than the preset's
+            config = sane_config_preset("small", token_size=variant.token_size, num_tokens=num_tokens, **variant.model)
         training = SaneTrainingConfig(**{
             "output_dir": str(run_dir), "max_steps": row.steps, "eval_steps": min(row.points), "save_steps": 250,
             "save_total_limit": 1, "seed": row.seed, "num_threads": 1, "progress": False,
