@@ -91,7 +91,7 @@ class Variant:
 #: the model is shorter than the preset's window of 64,
 #: ``SaneTrainingConfig()``, ``DEFAULT_POOLING``); every other variant changes one thing.
 VARIANTS: dict[str, Variant] = {
-    "recipe": Variant("the recipe: library defaults (small preset, whole-model window, layer readout)"),
+    "recipe": Variant("the recipe: library defaults (small preset: windows of 64 tokens, the whole model when shorter; layer readout)"),
     "recipe-3000": Variant("the recipe trained for 3,000 steps (is the gap compute?)"),
     "old-defaults": Variant(
         "the quickstart before this study: unscaled sinusoid + learned l/k tables, dropout 0.1, latent 16, "
