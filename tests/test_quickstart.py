@@ -13,7 +13,8 @@ from sane_hf.quickstart import METRICS_FILE, REPORT_FILE, STAGES, QuickstartConf
 MODEL_FILES = (
     "config.json", "model.safetensors", "weight_tokenizer.json", "README.md", "metrics.json", "probe_metrics.json",
     "sampling_metrics.json", "training_config.json", "zoo_config.json", "configuration_sane.py", "modeling_sane.py",
-    "pipeline_sane.py", "sampling.py", "embedding.py", "state_dict_io.py", "tokenization_sane.py",
+    "pipeline_sane.py", "sampling.py", "adaptation.py", "latent_kde.py", "embedding.py", "state_dict_io.py",
+    "tokenization_sane.py",
 )  # fmt: skip
 
 

@@ -18,7 +18,9 @@ pipeline made from this module) writes a folder that loads in a fresh Python wit
     ├── modeling_sane.py
     ├── pipeline_sane.py         this file: the pipelines (copied by Pipeline.save_pretrained)
     ├── sampling.py              ... with every file it imports relatively, recursively
+    ├── adaptation.py
     ├── embedding.py
+    ├── latent_kde.py
     ├── state_dict_io.py
     └── tokenization_sane.py
 

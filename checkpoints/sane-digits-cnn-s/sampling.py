@@ -54,8 +54,9 @@ of each round and one 63-bit seed per round; candidate ``i`` of round ``r`` draw
 ``batch_size``, and no token position reuses another's random state (the reference code fixed
 ``random_state`` per token, silently turning every sample into one anchor plus noise).
 
-Helpers for using samples: :func:`condition_batchnorm` re-estimates BatchNorm running statistics
-on data, :func:`reset_head` re-initialises or resizes a classification head for a new task, and
+Helpers for using samples (in :mod:`sane_hf.adaptation`, importable from here): :func:`condition_batchnorm`
+re-estimates BatchNorm running statistics on data, :func:`reset_head` re-initialises or resizes a
+classification head for a new task, and
 ``target_tokenizer=`` samples for another architecture of the same family
 (:func:`map_token_positions`, a heuristic — see there).
 
@@ -74,8 +75,8 @@ Example::
     (2, <All keys matched successfully>)
 
 This module travels to the Hub as remote code with ``pipeline_sane.py``: it imports only
-torch, numpy, scikit-learn, safetensors and (relatively) ``embedding``, ``state_dict_io`` and
-``tokenization_sane``.
+torch, numpy, scikit-learn, safetensors and (relatively) ``adaptation``, ``embedding``, ``latent_kde``
+(:class:`LatentKDE`, :func:`select_bandwidth`), ``state_dict_io`` and ``tokenization_sane``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .adaptation import _check_int, condition_batchnorm, reset_head
 from .embedding import embed_models, resolve_window, window_plan
+from .latent_kde import BANDWIDTH_RULES, SAMPLING_MODES, LatentKDE, select_bandwidth
 from .state_dict_io import state_dict_from_bytes
 from .tokenization_sane import WeightTokenizer, WeightTokens
 
@@ -110,8 +113,6 @@ __all__ = [
     "reset_head",
 ]
 
-SAMPLING_MODES = ("joint", "token")
-BANDWIDTH_RULES = ("scott", "silverman")
 _CHUNK = 16  # candidates decoded and scored at a time (memory: chunk · N · (latent_dim + token_size) floats)
 
 
@@ -147,157 +148,6 @@ class SampledModel:
     anchor_share: float = 1.0
     bandwidth: float | None = None
     latents: Tensor | None = field(default=None, repr=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# KDE
-# ----------------------------------------------------------------------------------------------
-
-
-def select_bandwidth(points: np.ndarray, bandwidth: float | str = "scott", *, dim: int | None = None) -> float:
-    """The Gaussian kernel's standard deviation for a KDE on ``points`` ``(n, ...)``.
-
-    A number is returned as it is (it must be finite and > 0). A rule (``"scott"``,
-    ``"silverman"``) is ``factor(n, d) · σ`` with ``σ`` the root mean per-dimension variance of the
-    points over their first axis (``ddof=1``) and ``d = dim`` (default: the points' flattened size).
-    """
-    if isinstance(bandwidth, (int, float, np.integer, np.floating)) and not isinstance(bandwidth, bool):
-        value = float(bandwidth)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"bandwidth must be a finite number > 0 or one of {BANDWIDTH_RULES}, got {bandwidth!r}")
-        return value
-    if bandwidth not in BANDWIDTH_RULES:
-        raise ValueError(f"bandwidth must be a finite number > 0 or one of {BANDWIDTH_RULES}, got {bandwidth!r}")
-    n = points.shape[0]
-    if n < 2:
-        raise ValueError(
-            f"the {bandwidth!r} bandwidth rule needs at least 2 anchors to measure their spread, got {n}; "
-            "pass a number (the kernel's standard deviation in latent units) instead"
-        )
-    flat = points.reshape(n, -1).astype(np.float64)
-    sigma = float(np.sqrt(flat.var(axis=0, ddof=1).mean()))
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(
-            f"the anchors are identical (spread {sigma}): the {bandwidth!r} rule gives no bandwidth; pass a number"
-        )
-    d = int(dim) if dim is not None else flat.shape[1]
-    if bandwidth == "scott":
-        factor = n ** (-1.0 / (d + 4))
-    else:  # silverman
-        factor = (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
-    return factor * sigma
-
-
-class LatentKDE:
-    """Gaussian KDE over anchor latent sequences ``(P, N, D)`` in ``"joint"`` or ``"token"`` mode.
-
-    ``kde`` is the fitted :class:`sklearn.neighbors.KernelDensity` (joint mode; token mode fits
-    one per position on demand in :meth:`score_samples`). Sampling is done here, vectorised, with
-    the Gaussian-KDE algorithm sklearn uses (random anchor + ``N(0, bandwidth²)`` noise) so that
-    the anchor of every draw is known.
-
-    Args:
-        anchors: ``(P, N, D)`` latents (P anchor models, N token positions, D latent dims).
-        mode: ``"joint"`` (whole sequences) or ``"token"`` (each position independently).
-        bandwidth: kernel standard deviation or a rule (:func:`select_bandwidth`; ``d`` is
-            ``N·D`` in joint mode and ``D`` in token mode).
-        bandwidth_scale: multiplies a rule's bandwidth (e.g. 0.1 for samples ten times closer to
-            the anchors than the rule says); a number is used as given.
-        weights: optional ``(P,)`` non-negative anchor weights (probability of picking each).
-    """
-
-    def __init__(
-        self,
-        anchors: np.ndarray | Tensor,
-        mode: str = "joint",
-        bandwidth: float | str = "scott",
-        *,
-        bandwidth_scale: float = 1.0,
-        weights: np.ndarray | None = None,
-    ):
-        from sklearn.neighbors import KernelDensity
-
-        if mode not in SAMPLING_MODES:
-            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
-        if isinstance(anchors, Tensor):
-            anchors = anchors.detach().to("cpu", torch.float64).numpy()
-        anchors = np.asarray(anchors, dtype=np.float64)
-        if anchors.ndim != 3 or min(anchors.shape) < 1:
-            raise ValueError(f"anchors must be a non-empty (P, N, D) array, got shape {anchors.shape}")
-        if not np.isfinite(anchors).all():
-            raise ValueError("anchors contain NaN or Inf")
-        if not (math.isfinite(bandwidth_scale) and bandwidth_scale > 0):
-            raise ValueError(f"bandwidth_scale must be a finite number > 0, got {bandwidth_scale!r}")
-        self.anchors = anchors
-        self.mode = mode
-        p, n, d = anchors.shape
-        dim = n * d if mode == "joint" else d
-        self.bandwidth = select_bandwidth(anchors, bandwidth, dim=dim)
-        if isinstance(bandwidth, str):
-            self.bandwidth *= float(bandwidth_scale)
-        if weights is not None:
-            weights = np.asarray(weights, dtype=np.float64)
-            if weights.shape != (p,) or (weights < 0).any() or not weights.sum() > 0:
-                raise ValueError(f"weights must be ({p},) non-negative with a positive sum")
-            weights = weights / weights.sum()
-        self.weights = weights
-        self.kde = None
-        if mode == "joint":
-            self.kde = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(
-                anchors.reshape(p, -1), sample_weight=weights
-            )
-        self._token_kdes: list[Any] | None = None
-
-    @property
-    def num_anchors(self) -> int:
-        return self.anchors.shape[0]
-
-    def sample_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Anchor indices: ``(n,)`` in joint mode, ``(n, N)`` in token mode (one per position).
-
-        Joint mode without weights draws the anchors *balanced*: every anchor ``⌊n/P⌋`` or
-        ``⌈n/P⌉`` times, in random order (shuffled rounds over all anchors) — the KDE's uniform
-        choice of anchor without the chance of leaving one out or piling draws on another.
-        """
-        size = (n,) if self.mode == "joint" else (n, self.anchors.shape[1])
-        if self.weights is None:
-            if self.mode == "joint":
-                rounds = -(-n // self.num_anchors)
-                return np.concatenate([rng.permutation(self.num_anchors) for _ in range(rounds)])[:n]
-            return rng.integers(0, self.num_anchors, size=size)
-        return rng.choice(self.num_anchors, size=size, p=self.weights)
-
-    def latents_for(self, indices: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """Latents ``(n, N, D)`` = anchors picked by ``indices`` + ``bandwidth · noise`` (standard normal)."""
-        if self.mode == "joint":
-            base = self.anchors[indices]  # (n,) -> (n, N, D)
-        else:
-            base = self.anchors[indices, np.arange(self.anchors.shape[1])[None, :]]  # (n, N) -> (n, N, D)
-        return base + self.bandwidth * noise
-
-    def sample(self, n: int, rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Draw ``n`` latent sequences; returns ``(latents (n, N, D), anchor indices)``."""
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        indices = self.sample_indices(n, rng)
-        noise = rng.standard_normal((n, *self.anchors.shape[1:]))
-        return self.latents_for(indices, noise), indices
-
-    def score_samples(self, latents: np.ndarray) -> np.ndarray:
-        """Log density of ``latents`` ``(n, N, D)`` under the KDE (token mode: sum over positions)."""
-        from sklearn.neighbors import KernelDensity
-
-        latents = np.asarray(latents, dtype=np.float64)
-        n = latents.shape[0]
-        if self.mode == "joint":
-            return self.kde.score_samples(latents.reshape(n, -1))
-        if self._token_kdes is None:
-            self._token_kdes = [
-                KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(
-                    self.anchors[:, t], sample_weight=self.weights
-                )
-                for t in range(self.anchors.shape[1])
-            ]
-        return sum(kde.score_samples(latents[:, t]) for t, kde in enumerate(self._token_kdes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,14 +461,6 @@ def _call_score_fn(score_fn: Callable, sd: Mapping[str, Tensor], round_: int, in
     return value
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def sample_models(
     model: Any,
     tokenizer: WeightTokenizer,
@@ -848,178 +690,3 @@ def sample_diversity(
         "num_samples": len(sample_sds),
         "num_prompts": len(prompt_sds),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# using samples: batch-norm conditioning, new heads
-# ----------------------------------------------------------------------------------------------
-
-
-def _batches(data: Any, batch_size: int) -> Iterable[Tensor]:
-    if isinstance(data, Tensor):
-        for start in range(0, len(data), batch_size):
-            yield data[start : start + batch_size]
-        return
-    for batch in data:
-        if isinstance(batch, Mapping):
-            for name in ("x", "input", "inputs", "pixel_values", "image"):
-                if name in batch:
-                    batch = batch[name]
-                    break
-            else:
-                raise TypeError(f"a dict batch needs an 'x'/'inputs'/'pixel_values' entry, got keys {sorted(batch)}")
-        elif isinstance(batch, (tuple, list)):
-            batch = batch[0]  # (inputs, labels)
-        if not isinstance(batch, Tensor):
-            raise TypeError(f"batches must be tensors or (inputs, labels) pairs, got {type(batch).__name__}")
-        yield batch
-
-
-@torch.no_grad()
-def condition_batchnorm(
-    module: nn.Module, data: Any, steps: int | None = None, *, batch_size: int = 128
-) -> nn.Module:
-    """Re-estimate the running statistics of every BatchNorm layer of ``module`` on ``data``.
-
-    Decoded models carry running statistics that were themselves sampled (or, with a tokenizer
-    built with ``include_norm_stats=False``, fresh ones); they rarely match the model's actual
-    activations. This resets every ``_BatchNorm`` with ``track_running_stats`` (stats and
-    ``num_batches_tracked``), switches it to a cumulative average (``momentum=None``) in train
-    mode, runs forward passes without gradients, then restores each layer's momentum and every
-    submodule's training flag. Only the BatchNorm layers are in train mode during the passes
-    (dropout stays off), and no parameter changes.
-
-    Args:
-        module: the network (modified in place and returned).
-        data: an input tensor ``(n, ...)`` split into batches of ``batch_size``, or an iterable
-            of batches (tensors, ``(inputs, labels)`` pairs, or dicts with an ``"x"``/``"inputs"``
-            entry), e.g. a ``DataLoader``.
-        steps: at most this many batches (None = all of ``data``).
-        batch_size: batch size when ``data`` is a tensor.
-    """
-    if steps is not None:
-        steps = _check_int("steps", steps, 1)
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return module
-    flags = {m: m.training for m in module.modules()}
-    momenta = {m: m.momentum for m in norms}
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    seen = 0
-    try:
-        module.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for batch in _batches(data, batch_size):
-            if steps is not None and seen >= steps:
-                break
-            module(batch.to(device))
-            seen += 1
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        for m, flag in flags.items():
-            m.training = flag
-    if seen == 0:
-        raise ValueError("condition_batchnorm: data yielded no batches; BatchNorm statistics were reset")
-    return module
-
-
-def _find_head(sd: Mapping[str, Tensor], head_key: str | None) -> tuple[str, str | None]:
-    """``(weight key, bias key or None)`` of the classification head in a state_dict."""
-    if head_key is not None:
-        key = head_key if head_key in sd else f"{head_key}.weight"
-        if key not in sd:
-            raise KeyError(f"head_key {head_key!r} is neither a key nor a module prefix of the state_dict")
-    else:
-        matrices = [k for k, v in sd.items() if isinstance(v, Tensor) and v.is_floating_point() and v.dim() == 2]
-        if not matrices:
-            raise ValueError("the state_dict has no 2-D weight to reset; pass head_key")
-        key = matrices[-1]  # the last linear layer in registration (= forward) order
-    weight = sd[key]
-    if not (isinstance(weight, Tensor) and weight.is_floating_point() and weight.dim() == 2):
-        raise ValueError(f"the head {key!r} must be a 2-D float weight (a Linear layer), got shape {tuple(weight.shape)}")
-    prefix, _, suffix = key.rpartition(".")
-    bias_suffix = suffix.replace("weight", "bias") if "weight" in suffix else None
-    bias_key = f"{prefix}.{bias_suffix}" if prefix and bias_suffix else bias_suffix
-    if bias_key is not None:
-        bias = sd.get(bias_key)
-        if not (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
-            bias_key = None
-    return key, bias_key
-
-
-def _init_linear(out_features: int, in_features: int, bias: bool, seed: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``nn.Linear``'s default initialisation (uniform ±1/√fan_in for weight and bias), seeded."""
-    generator = torch.Generator().manual_seed(int(seed))
-    bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
-    weight = (torch.rand(out_features, in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-    b = (torch.rand(out_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound if bias else None
-    weight = weight.to(dtype=like.dtype, device=like.device)
-    return weight, (b.to(dtype=like.dtype, device=like.device) if b is not None else None)
-
-
-def reset_head(
-    state_dict_or_module: Mapping[str, Tensor] | nn.Module,
-    num_classes: int | None = None,
-    head_key: str | None = None,
-    seed: int = 0,
-) -> Any:
-    """Re-initialise (and optionally resize) the classification head, e.g. for a new task.
-
-    The head is the last linear layer: the last ``nn.Linear`` of a module (in registration
-    order), or the last 2-D float tensor of a state_dict (with its bias partner, the same key with
-    ``weight`` → ``bias``, when present). ``head_key`` names it explicitly (``"fc2"`` or
-    ``"fc2.weight"``). The new weights follow ``nn.Linear``'s default initialisation (uniform
-    ``±1/√fan_in``) drawn from ``torch.Generator().manual_seed(seed)``; torch's global RNG is untouched.
-
-    Args:
-        state_dict_or_module: a state_dict (a new ``OrderedDict`` is returned, the input is not
-            modified) or an ``nn.Module`` (its head is replaced in place; the module is returned).
-        num_classes: new number of outputs (None = keep the current one).
-        head_key: the head's module name or weight key (default: found as above).
-        seed: seed of the new weights.
-    """
-    if num_classes is not None:
-        num_classes = _check_int("num_classes", num_classes, 1)
-    if isinstance(state_dict_or_module, nn.Module):
-        module = state_dict_or_module
-        if head_key is not None:
-            name = head_key.removesuffix(".weight")
-            try:
-                head = module.get_submodule(name)
-            except AttributeError as err:
-                raise KeyError(f"head_key {head_key!r} names no submodule") from err
-        else:
-            linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ValueError(f"{type(module).__name__} has no nn.Linear head to reset; pass head_key")
-            name, head = linears[-1]
-        if not isinstance(head, nn.Linear):
-            raise ValueError(f"the head {name!r} is a {type(head).__name__}, not an nn.Linear")
-        out_features = num_classes if num_classes is not None else head.out_features
-        weight, bias = _init_linear(out_features, head.in_features, head.bias is not None, seed, head.weight)
-        new = nn.Linear(head.in_features, out_features, bias=head.bias is not None, device="meta")
-        new.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
-        if bias is not None:
-            new.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
-        new.train(head.training)
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, new)
-        return module
-
-    if not isinstance(state_dict_or_module, Mapping):
-        raise TypeError(f"reset_head takes a state_dict or an nn.Module, got {type(state_dict_or_module).__name__}")
-    sd = state_dict_or_module
-    key, bias_key = _find_head(sd, head_key)
-    old = sd[key]
-    out_features = num_classes if num_classes is not None else old.shape[0]
-    weight, bias = _init_linear(out_features, old.shape[1], bias_key is not None, seed, old)
-    out: OrderedDict[str, Tensor] = OrderedDict(sd)
-    out[key] = weight
-    if bias_key is not None:
-        out[bias_key] = bias
-    return out
