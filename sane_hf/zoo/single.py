@@ -8,6 +8,7 @@ with). Population training over many models is :mod:`sane_hf.zoo.train`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -28,7 +29,7 @@ from sane_hf.zoo.hyperparams import (
 )
 from sane_hf.zoo.tasks import TaskData
 
-__all__ = ["evaluate_model", "train_single", "fine_tune"]
+__all__ = ["evaluate_model", "train_single", "fine_tune", "native_cpu_kernels"]
 
 
 def _model_device(module: nn.Module) -> torch.device:
@@ -165,6 +166,26 @@ def train_single(
             yield record(epoch)
 
 
+@contextlib.contextmanager
+def native_cpu_kernels(device: torch.device) -> Iterator[None]:
+    """oneDNN (mkldnn) off while training on the CPU; restored afterwards.
+
+    With torch 2.13's CPU wheel, backward through the small convolutions of a width-4 ResNet-18
+    (BatchNorm, 8×8 inputs, batch 32) corrupted the heap and killed the process ("corrupted
+    double-linked list"; 5 of 5 runs here, 0 of 3 with oneDNN off). Fine-tuning therefore runs on
+    torch's native CPU kernels; other devices are untouched.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 def fine_tune(
     module: nn.Module,
     task: TaskData,
@@ -186,7 +207,7 @@ def fine_tune(
     device = _model_device(module)
     data_gen, dropout_gen = model_generators(seed)
     accs: list[float] = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), native_cpu_kernels(device):
         torch.manual_seed(seed)
         _set_dropout_generator(module, dropout_gen)
         opt = _make_optimizer(module.parameters(), optimizer, lr, weight_decay)

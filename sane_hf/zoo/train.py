@@ -59,7 +59,7 @@ from sane_hf.zoo.hyperparams import (
     sample_grid,
 )
 from sane_hf.zoo.hyperparams import SGD_MOMENTUM as SGD_MOMENTUM
-from sane_hf.zoo.single import _checkpoint_epochs, evaluate_model, fine_tune, train_single
+from sane_hf.zoo.single import _checkpoint_epochs, evaluate_model, fine_tune, native_cpu_kernels, train_single
 from sane_hf.zoo.tasks import TaskData, load_task
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "shutdown_workers",
     "evaluate_model",
     "fine_tune",
+    "native_cpu_kernels",
 ]
 
 
