@@ -181,6 +181,7 @@ def _measure(model_dir: Path, zoo_dir: Path, readouts: tuple[str, ...], sample: 
         cfg = SamplingEvalConfig(
             num_samples=8, num_prompts=8, bandwidth=0.1, score="train-acc", candidates=32, finetune_epochs=(0,),
             max_neighbours=20, transfer_task="none", seed=seed, spread_anchors=False,  # the global best 8
+            residual=False,  # the rows were measured with plain decoding (the sampler's default before 2026-12-02)
         )
         zoo_config = ZooConfig.from_json_file(zoo_dir / "zoo_config.json")
         metrics = evaluate_sampling(model, tokenizer, zoo, zoo_config, cfg, out_dir=model_dir / "samples")
