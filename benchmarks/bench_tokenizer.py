@@ -178,20 +178,30 @@ def copy_bound(sd: dict[str, Tensor]) -> tuple[Callable[[], Tensor], Callable[[T
 
 
 def load_previous(rev: str) -> Any:
-    """sane_hf.tokenization_sane as of git revision ``rev`` (a module of its own)."""
+    """sane_hf.tokenization_sane as of git revision ``rev``, loaded from a package of its own.
+
+    The package holds the revision's ``tokenization_sane.py`` and, where that revision has it, the
+    ``tokenization_layout.py`` it imports relatively.
+    """
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(
-        ["git", "-C", str(root), "show", f"{rev}:sane_hf/tokenization_sane.py"], capture_output=True, text=True,
-        check=True,
-    ).stdout  # fmt: skip
-    folder = Path(tempfile.mkdtemp(prefix="sane-tok-prev-"))
-    path = folder / f"tokenization_sane_{rev}.py"
-    path.write_text(source)
-    return _load_module(path, f"_previous_tokenizer_{rev}")
+    package = "_previous_tokenizer_" + "".join(c if c.isalnum() else "_" for c in rev)
+    folder = Path(tempfile.mkdtemp(prefix="sane-tok-prev-")) / package
+    folder.mkdir()
+    for name in ("tokenization_sane.py", "tokenization_layout.py"):
+        shown = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:sane_hf/{name}"], capture_output=True, text=True,
+        )  # fmt: skip
+        if shown.returncode == 0:
+            (folder / name).write_text(shown.stdout)
+        elif name == "tokenization_sane.py":
+            raise ValueError(f"git show {rev}:sane_hf/{name} failed: {shown.stderr.strip()}")
+    (folder / "__init__.py").write_text("")
+    _load_module(folder / "__init__.py", package, search=[str(folder)])
+    return _load_module(folder / "tokenization_sane.py", f"{package}.tokenization_sane")
 
 
-def _load_module(path: Path, name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
+def _load_module(path: Path, name: str, search: list[str] | None = None) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load {str(path)!r} as a Python module")
     module = importlib.util.module_from_spec(spec)

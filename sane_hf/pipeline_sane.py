@@ -22,6 +22,7 @@ pipeline made from this module) writes a folder that loads in a fresh Python wit
     ├── embedding.py
     ├── latent_kde.py
     ├── state_dict_io.py
+    ├── tokenization_layout.py
     └── tokenization_sane.py
 
 so that ``pipeline(model=dir, trust_remote_code=True)`` and

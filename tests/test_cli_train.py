@@ -105,7 +105,7 @@ def test_trained_folder_loads_with_pipeline_in_a_fresh_process(zoo_dir, tmp_path
     assert main(["train", "--zoo", str(zoo_dir), "--out", str(out), "--max-steps", "2", "--save-steps", "0", *FAST]) == 0
     config = json.loads((out / "config.json").read_text())
     assert set(config["custom_pipelines"]) == {"weight-sampling", "weight-embedding"}
-    for name in ("pipeline_sane.py", "sampling.py", "embedding.py", "tokenization_sane.py", "README.md"):
+    for name in ("pipeline_sane.py", "sampling.py", "embedding.py", "tokenization_sane.py", "tokenization_layout.py", "README.md"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "DESIGN.md" not in card and "# run" in card and "Not measured" in card

@@ -25,7 +25,7 @@ from sane_hf.zoo.architectures import create_model
 from sane_hf.zoo.dataset import state_dict_to_bytes
 
 CODE_FILES = {"pipeline_sane.py", "sampling.py", "adaptation.py", "latent_kde.py", "embedding.py", "state_dict_io.py",
-              "tokenization_sane.py", "modeling_sane.py", "configuration_sane.py"}
+              "tokenization_sane.py", "tokenization_layout.py", "modeling_sane.py", "configuration_sane.py"}
 PACKAGE = Path(__file__).resolve().parents[1] / "sane_hf"
 
 

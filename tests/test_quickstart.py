@@ -14,7 +14,7 @@ MODEL_FILES = (
     "config.json", "model.safetensors", "weight_tokenizer.json", "README.md", "metrics.json", "probe_metrics.json",
     "sampling_metrics.json", "training_config.json", "zoo_config.json", "configuration_sane.py", "modeling_sane.py",
     "pipeline_sane.py", "sampling.py", "adaptation.py", "latent_kde.py", "embedding.py", "state_dict_io.py",
-    "tokenization_sane.py",
+    "tokenization_layout.py", "tokenization_sane.py",
 )  # fmt: skip
 
 
