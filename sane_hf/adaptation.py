@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["condition_batchnorm", "reset_head"]
+__all__ = ["condition_batchnorm", "reset_head", "last_linear"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -136,6 +136,13 @@ def _init_linear(out_features: int, in_features: int, bias: bool, seed: int, lik
     return weight, (b.to(dtype=like.dtype, device=like.device) if b is not None else None)
 
 
+def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+    """``(name, module)`` of the last ``nn.Linear`` of ``module`` in registration order — its
+    classification head by default — or None when it has none."""
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def reset_head(
     state_dict_or_module: Mapping[str, Tensor] | nn.Module,
     num_classes: int | None = None,
@@ -168,10 +175,10 @@ def reset_head(
             except AttributeError as err:
                 raise KeyError(f"head_key {head_key!r} names no submodule") from err
         else:
-            linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-            if not linears:
+            found = last_linear(module)
+            if found is None:
                 raise ValueError(f"{type(module).__name__} has no nn.Linear head to reset; pass head_key")
-            name, head = linears[-1]
+            name, head = found
         if not isinstance(head, nn.Linear):
             raise ValueError(f"the head {name!r} is a {type(head).__name__}, not an nn.Linear")
         out_features = num_classes if num_classes is not None else head.out_features

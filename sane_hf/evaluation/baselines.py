@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sane_hf.adaptation import last_linear
 from sane_hf.sampling import condition_batchnorm
 
 __all__ = [
@@ -37,6 +38,17 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def _scored_net(
+    build: Callable[[], nn.Module], state_dict: Mapping[str, Tensor], bn_data: Tensor | None
+) -> nn.Module:
+    """``build()`` loaded strictly with ``state_dict``, BatchNorm conditioned on ``bn_data``, in eval mode."""
+    net = build()
+    net.load_state_dict(state_dict, strict=True)
+    if bn_data is not None and _has_batchnorm(net):
+        condition_batchnorm(net, bn_data)
+    return net.eval()
+
+
 def accuracy_score_fn(
     build: Callable[[], nn.Module], x: Tensor, y: Tensor, bn_data: Tensor | None = None
 ) -> Callable[[Mapping[str, Tensor]], float]:
@@ -44,11 +56,7 @@ def accuracy_score_fn(
 
     @torch.no_grad()
     def score_fn(state_dict: Mapping[str, Tensor]) -> float:
-        net = build()
-        net.load_state_dict(state_dict, strict=True)
-        if bn_data is not None and _has_batchnorm(net):
-            condition_batchnorm(net, bn_data)
-        net.eval()
+        net = _scored_net(build, state_dict, bn_data)
         return float((net(x).argmax(-1) == y).float().mean())
 
     return score_fn
@@ -56,11 +64,11 @@ def accuracy_score_fn(
 
 def _head_input(net: nn.Module, x: Tensor) -> Tensor:
     """The input of ``net``'s head (its last ``nn.Linear``, as :func:`~sane_hf.sampling.reset_head` finds it)."""
-    heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not heads:
+    found = last_linear(net)
+    if found is None:
         raise ValueError(f"{type(net).__name__} has no nn.Linear head: the target score reads the head's input")
     seen: list[Tensor] = []
-    hook = heads[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    hook = found[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
     try:
         net(x)
     finally:
@@ -105,12 +113,7 @@ def target_score_fn(
 
     @torch.no_grad()
     def score_fn(state_dict: Mapping[str, Tensor]) -> float:
-        net = build()
-        net.load_state_dict(state_dict, strict=True)
-        if bn_data is not None and _has_batchnorm(net):
-            condition_batchnorm(net, bn_data)
-        net.eval()
-        return nearest_mean_loo_accuracy(_head_input(net, x), y)
+        return nearest_mean_loo_accuracy(_head_input(_scored_net(build, state_dict, bn_data), x), y)
 
     return score_fn
 
