@@ -6,9 +6,9 @@ needs the tokenizer does not import the trainer.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sane_hf._lazy import lazy_exports
 from sane_hf._version import __version__
 
 _LAZY: dict[str, str] = {
@@ -19,7 +19,7 @@ _LAZY: dict[str, str] = {
     "SaneConfig": "sane_hf.configuration_sane",
     "SaneModel": "sane_hf.modeling_sane",
     # zoo
-    "ZooConfig": "sane_hf.zoo.dataset",
+    "ZooConfig": "sane_hf.zoo.config",
     "build_zoo": "sane_hf.zoo.dataset",
     "load_zoo": "sane_hf.zoo.dataset",
     "tokenize_zoo": "sane_hf.zoo.dataset",
@@ -58,17 +58,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sane_hf' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,4 +70,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from sane_hf.sampling import SampledModel, sample_models
     from sane_hf.tokenization_sane import WeightTokenizer, WeightTokens
     from sane_hf.training import SaneTrainingConfig, train_sane
-    from sane_hf.zoo.dataset import ZooConfig, build_zoo, load_zoo, tokenize_zoo
+    from sane_hf.zoo.config import ZooConfig
+    from sane_hf.zoo.dataset import build_zoo, load_zoo, tokenize_zoo

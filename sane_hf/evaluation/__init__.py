@@ -55,31 +55,39 @@ Layout: :mod:`~sane_hf.evaluation.config` (:class:`SamplingEvalConfig`),
 :mod:`~sane_hf.evaluation.plotting` (the figure). Every public name is importable from here.
 """
 
-from sane_hf.evaluation.baselines import (
-    accuracy_score_fn,
-    aligned_average,
-    calibrate_noise,
-    evaluation_spec,
-    matched_noise,
-    nearest_mean_loo_accuracy,
-    nearest_neighbours,
-    noise_like,
-    prediction_agreement,
-    target_score_fn,
-)
-from sane_hf.evaluation.config import GROUPS, TRANSFER_CANDIDATES, SamplingEvalConfig
-from sane_hf.evaluation.draw import (
-    PromptSelection,
-    SamplingSetup,
-    choose_prompts,
-    diversity_metrics,
-    prompt_metrics,
-    run_sampling,
-    save_samples,
-    select_prompts,
-)
-from sane_hf.evaluation.plotting import plot_accuracy
-from sane_hf.evaluation.protocol import evaluate_sampling, resolve_transfer_task
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sane_hf._lazy import lazy_exports
+
+# imported on first use: `sane_hf.evaluation.config` (what `sane-hf sample --help` reads) stays free of torch
+_LAZY: dict[str, str] = {
+    "accuracy_score_fn": "sane_hf.evaluation.baselines",
+    "aligned_average": "sane_hf.evaluation.baselines",
+    "calibrate_noise": "sane_hf.evaluation.baselines",
+    "evaluation_spec": "sane_hf.evaluation.baselines",
+    "matched_noise": "sane_hf.evaluation.baselines",
+    "nearest_mean_loo_accuracy": "sane_hf.evaluation.baselines",
+    "nearest_neighbours": "sane_hf.evaluation.baselines",
+    "noise_like": "sane_hf.evaluation.baselines",
+    "prediction_agreement": "sane_hf.evaluation.baselines",
+    "target_score_fn": "sane_hf.evaluation.baselines",
+    "GROUPS": "sane_hf.evaluation.config",
+    "TRANSFER_CANDIDATES": "sane_hf.evaluation.config",
+    "SamplingEvalConfig": "sane_hf.evaluation.config",
+    "PromptSelection": "sane_hf.evaluation.draw",
+    "SamplingSetup": "sane_hf.evaluation.draw",
+    "choose_prompts": "sane_hf.evaluation.draw",
+    "diversity_metrics": "sane_hf.evaluation.draw",
+    "prompt_metrics": "sane_hf.evaluation.draw",
+    "run_sampling": "sane_hf.evaluation.draw",
+    "save_samples": "sane_hf.evaluation.draw",
+    "select_prompts": "sane_hf.evaluation.draw",
+    "plot_accuracy": "sane_hf.evaluation.plotting",
+    "evaluate_sampling": "sane_hf.evaluation.protocol",
+    "resolve_transfer_task": "sane_hf.evaluation.protocol",
+}
 
 __all__ = [
     "SamplingEvalConfig",
@@ -107,3 +115,32 @@ __all__ = [
     "plot_accuracy",
     "save_samples",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sane_hf.evaluation.baselines import (
+        accuracy_score_fn,
+        aligned_average,
+        calibrate_noise,
+        evaluation_spec,
+        matched_noise,
+        nearest_mean_loo_accuracy,
+        nearest_neighbours,
+        noise_like,
+        prediction_agreement,
+        target_score_fn,
+    )
+    from sane_hf.evaluation.config import GROUPS, TRANSFER_CANDIDATES, SamplingEvalConfig
+    from sane_hf.evaluation.draw import (
+        PromptSelection,
+        SamplingSetup,
+        choose_prompts,
+        diversity_metrics,
+        prompt_metrics,
+        run_sampling,
+        save_samples,
+        select_prompts,
+    )
+    from sane_hf.evaluation.plotting import plot_accuracy
+    from sane_hf.evaluation.protocol import evaluate_sampling, resolve_transfer_task

@@ -1,14 +1,19 @@
-"""The settings of the sampling evaluation: :class:`SamplingEvalConfig` and the transfer-task candidates."""
+"""The settings of the sampling evaluation: :class:`SamplingEvalConfig` and the transfer-task candidates.
+
+Imports neither torch nor transformers, so ``sane-hf sample --help`` builds its flags from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from sane_hf.sampling import SAMPLING_MODES
 from sane_hf.serialization import JsonConfigMixin
 
-__all__ = ["SamplingEvalConfig", "TRANSFER_CANDIDATES", "GROUPS"]
+__all__ = ["SamplingEvalConfig", "TRANSFER_CANDIDATES", "GROUPS", "SamplingMode"]
+
+#: The KDE modes of :class:`~sane_hf.latent_kde.LatentKDE` (its ``SAMPLING_MODES``, spelled here without torch).
+SamplingMode = Literal["joint", "token"]
 
 #: Tasks tried, in order, by ``transfer_task="auto"``.
 TRANSFER_CANDIDATES = ("fashion-mnist", "mnist", "digits")
@@ -40,13 +45,16 @@ class SamplingEvalConfig(JsonConfigMixin):
         default="auto",
         metadata={"help": "Activation of the prompts ('auto' = the best test model's); samples use it too."},
     )
-    mode: str = field(default="joint", metadata={"help": f"KDE mode, one of {SAMPLING_MODES}."})
+    mode: SamplingMode = field(
+        default="joint",
+        metadata={"help": "KDE mode: 'joint' (whole latent sequences) or 'token' (each token position on its own)."},
+    )
     bandwidth: float | str = field(
         default="scott",
         metadata={"help": "KDE kernel std in latent units, or a rule: 'scott' / 'silverman' (on the prompts)."},
     )
     bandwidth_scale: float = field(default=0.2, metadata={"help": "Multiplies a rule's bandwidth."})
-    score: str = field(
+    score: Literal["train-acc", "none"] = field(
         default="train-acc",
         metadata={"help": "Rank candidates by 'train-acc' (accuracy on --score-samples training images) or 'none'."},
     )
@@ -112,8 +120,8 @@ class SamplingEvalConfig(JsonConfigMixin):
             self.transfer_train_subset = None
         if self.transfer_task in ("none", ""):
             self.transfer_task = None
-        if self.mode not in SAMPLING_MODES:
-            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+        if self.mode not in get_args(SamplingMode):
+            raise ValueError(f"mode must be one of {get_args(SamplingMode)}, got {self.mode!r}")
         if self.score not in ("train-acc", "none"):
             raise ValueError(f"score must be 'train-acc' or 'none', got {self.score!r}")
         for name in ("num_samples", "score_samples", "bn_samples", "batch_size"):

@@ -42,11 +42,24 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from sane_hf._lazy import lazy_exports
 from sane_hf.constants import QUICKSTART_METRICS_FILE as METRICS_FILE
 from sane_hf.constants import REPORT_FILE
-from sane_hf.quickstart.config import ProbeSettings, QuickstartConfig
-from sane_hf.quickstart.runner import STAGES, QuickstartResult, StageRecord, run_quickstart
-from sane_hf.reports import format_summary, render_report, verdict_lines
+
+# imported on first use: `sane_hf.quickstart.config` (what `sane-hf quickstart --help` reads) stays free of torch
+_LAZY: dict[str, str] = {
+    "ProbeSettings": "sane_hf.quickstart.config",
+    "QuickstartConfig": "sane_hf.quickstart.config",
+    "STAGES": "sane_hf.quickstart.runner",
+    "QuickstartResult": "sane_hf.quickstart.runner",
+    "StageRecord": "sane_hf.quickstart.runner",
+    "run_quickstart": "sane_hf.quickstart.runner",
+    "format_summary": "sane_hf.reports",
+    "render_report": "sane_hf.reports",
+    "verdict_lines": "sane_hf.reports",
+}
 
 __all__ = [
     "STAGES",
@@ -61,3 +74,10 @@ __all__ = [
     "REPORT_FILE",
     "METRICS_FILE",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sane_hf.quickstart.config import ProbeSettings, QuickstartConfig
+    from sane_hf.quickstart.runner import STAGES, QuickstartResult, StageRecord, run_quickstart
+    from sane_hf.reports import format_summary, render_report, verdict_lines

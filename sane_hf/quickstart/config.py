@@ -1,4 +1,8 @@
-"""The settings of a quickstart run: :class:`QuickstartConfig`, typed configs of the modules it calls."""
+"""The settings of a quickstart run: :class:`QuickstartConfig`, typed configs of the modules it calls.
+
+Imports neither torch nor transformers (defaults that need them are made when a config is), so
+``sane-hf quickstart --help`` builds its flags from :class:`QuickstartConfig`.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,30 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sane_hf.configuration_sane import SaneConfig
 from sane_hf.constants import QUICKSTART_MODEL_DIR
-from sane_hf.embedding import DEFAULT_POOLING
-from sane_hf.evaluation import SamplingEvalConfig
-from sane_hf.probing import METHODS
+from sane_hf.evaluation.config import SamplingEvalConfig
 from sane_hf.serialization import JsonConfigMixin
-from sane_hf.training import SaneTrainingConfig, sane_config_preset
-from sane_hf.zoo.dataset import ZooConfig
+from sane_hf.training.config import SaneTrainingConfig, sane_config_preset
+from sane_hf.zoo.config import ZooConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sane_hf.configuration_sane import SaneConfig
 
 __all__ = ["ProbeSettings", "QuickstartConfig"]
+
+
+def _methods() -> tuple[str, ...]:
+    from sane_hf.probing import METHODS
+
+    return METHODS
+
+
+def _pooling() -> str:
+    from sane_hf.embedding import DEFAULT_POOLING
+
+    return DEFAULT_POOLING
 
 
 @dataclass
@@ -28,9 +44,9 @@ class ProbeSettings(JsonConfigMixin):
         default=("test_acc", "epoch", "ggap", "activation", "init"),
         metadata={"help": "Properties to probe (the zoo grids use Adam only: no 'optimizer')."},
     )
-    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "Feature sets compared."})
+    methods: tuple[str, ...] = field(default_factory=_methods, metadata={"help": "Feature sets compared."})
     pooling: str = field(
-        default=DEFAULT_POOLING,
+        default_factory=_pooling,
         metadata={"help": "Token-latent readout of the SANE embedding; the default is the one of `sane-hf probe` "
                           "and embed_models (per-layer mean and std of token latents, chosen by "
                           "benchmarks/learning_curves.py), so the quickstart and the CLI give the same numbers."},
@@ -41,6 +57,8 @@ class ProbeSettings(JsonConfigMixin):
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
         self.methods = tuple(self.methods)
+        from sane_hf.probing import METHODS
+
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
@@ -117,7 +135,10 @@ class QuickstartConfig:
                           "threads on 2 cores ran them 5-20x slower than one (measured: 4-5 s per training step "
                           "instead of 0.2 s)."},
     )
-    fast_mode: bool = field(default=False, metadata={"help": "True for the smoke settings of fast()."})
+    fast_mode: bool = field(
+        default=False,
+        metadata={"help": "The smoke settings of fast() (20 small models, a tiny SANE, 30 steps); numbers not meaningful."},
+    )
 
     def __post_init__(self) -> None:
         if self.model.token_size != self.token_size:

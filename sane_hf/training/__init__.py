@@ -59,15 +59,25 @@ Layout: :mod:`~sane_hf.training.config` (presets, :class:`SaneTrainingConfig`),
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from sane_hf._lazy import lazy_exports
 from sane_hf.constants import METRICS_FILE, TRAINING_CONFIG_FILE
-from sane_hf.training.checkpoints import (
-    CHECKPOINT_MANIFEST,
-    CHECKPOINTS_DIR,
-    check_checkpoint_format,
-    latest_checkpoint,
-)
-from sane_hf.training.config import DEFAULT_PRESET, PRESETS, SaneTrainingConfig, sane_config_preset
-from sane_hf.training.loop import StepInfo, TrainingInterrupted, train_sane
+
+# imported on first use: `sane_hf.training.config` (what `sane-hf train --help` reads) stays free of torch
+_LAZY: dict[str, str] = {
+    "PRESETS": "sane_hf.training.config",
+    "DEFAULT_PRESET": "sane_hf.training.config",
+    "SaneTrainingConfig": "sane_hf.training.config",
+    "sane_config_preset": "sane_hf.training.config",
+    "StepInfo": "sane_hf.training.loop",
+    "TrainingInterrupted": "sane_hf.training.loop",
+    "train_sane": "sane_hf.training.loop",
+    "latest_checkpoint": "sane_hf.training.checkpoints",
+    "CHECKPOINTS_DIR": "sane_hf.training.checkpoints",
+    "CHECKPOINT_MANIFEST": "sane_hf.training.checkpoints",
+    "check_checkpoint_format": "sane_hf.training.checkpoints",
+}
 
 __all__ = [
     "PRESETS",
@@ -84,3 +94,15 @@ __all__ = [
     "CHECKPOINT_MANIFEST",
     "check_checkpoint_format",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sane_hf.training.checkpoints import (
+        CHECKPOINT_MANIFEST,
+        CHECKPOINTS_DIR,
+        check_checkpoint_format,
+        latest_checkpoint,
+    )
+    from sane_hf.training.config import DEFAULT_PRESET, PRESETS, SaneTrainingConfig, sane_config_preset
+    from sane_hf.training.loop import StepInfo, TrainingInterrupted, train_sane

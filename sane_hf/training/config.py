@@ -4,7 +4,8 @@ Pure configuration, no training: :data:`PRESETS` / :func:`sane_config_preset` bu
 :class:`~sane_hf.configuration_sane.SaneConfig` of a run (fitting the window to short networks),
 and :class:`SaneTrainingConfig` holds every setting of :func:`~sane_hf.training.train_sane`, its
 validation, and the split between fields that determine the weights (:meth:`~SaneTrainingConfig.identity`,
-compared on resume) and runtime-only ones.
+compared on resume) and runtime-only ones. Imports neither torch nor transformers (the defaults that
+need torch ask it when a config is made), so ``sane-hf train --help`` builds its flags from here.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-
-import torch
 
 from sane_hf.serialization import JsonConfigMixin
 
@@ -78,12 +77,14 @@ def sane_config_preset(
 
 def _default_threads() -> int:
     # torch's own choice, which follows OMP_NUM_THREADS (on busy shared cores, 1 is usually fastest: set it)
+    import torch
+
     return max(1, torch.get_num_threads())
 
 
 @dataclass
 class SaneTrainingConfig(JsonConfigMixin):
-    """How to train SANE. Every field's ``help`` also drives ``sane-hf train`` (``HfArgumentParser``).
+    """How to train SANE. Every field is also a flag of ``sane-hf train``, with its ``help``.
 
     >>> cfg = SaneTrainingConfig(output_dir="runs/x", max_steps=100)
     >>> SaneTrainingConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,7 +1,8 @@
 """Model zoos: offline tasks, architectures, population training, datasets, importers.
 
-The architecture registry is imported eagerly (it is light); everything else is imported on
-first use, so ``import sane_hf.zoo.architectures`` does not pull in ``datasets`` or the trainer.
+Every public name is imported on first use, so ``import sane_hf.zoo.config`` (:class:`ZooConfig`,
+what ``sane-hf zoo build --help`` reads) imports neither torch nor ``datasets``, and
+``import sane_hf.zoo.architectures`` does not pull in ``datasets`` or the trainer.
 
 >>> from sane_hf.zoo import ZooConfig, build_zoo, load_zoo   # doctest: +SKIP
 >>> zoo = build_zoo(ZooConfig(task="digits", arch="cnn-s", num_models=8, epochs=2), "zoos/tiny")  # doctest: +SKIP
@@ -9,12 +10,15 @@ first use, so ``import sane_hf.zoo.architectures`` does not pull in ``datasets``
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sane_hf.zoo.architectures import create_model, list_architectures, register_architecture
+from sane_hf._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
+    # architectures
+    "create_model": "sane_hf.zoo.architectures",
+    "list_architectures": "sane_hf.zoo.architectures",
+    "register_architecture": "sane_hf.zoo.architectures",
     # tasks
     "TaskData": "sane_hf.zoo.tasks",
     "list_tasks": "sane_hf.zoo.tasks",
@@ -29,11 +33,11 @@ _LAZY: dict[str, str] = {
     "SPLITS": "sane_hf.zoo.dataset",
     "ZOO_FEATURES": "sane_hf.zoo.dataset",
     "NUMERIC_COLUMNS": "sane_hf.zoo.dataset",
-    "ZooConfig": "sane_hf.zoo.dataset",
+    "ZooConfig": "sane_hf.zoo.config",
     "build_zoo": "sane_hf.zoo.dataset",
     "load_zoo": "sane_hf.zoo.dataset",
-    "load_zoo_config": "sane_hf.zoo.dataset",
-    "load_zoo_summary": "sane_hf.zoo.dataset",
+    "load_zoo_config": "sane_hf.zoo.config",
+    "load_zoo_summary": "sane_hf.zoo.config",
     "zoo_model": "sane_hf.zoo.dataset",
     "iter_state_dicts": "sane_hf.zoo.dataset",
     "tokenize_zoo": "sane_hf.zoo.dataset",
@@ -84,31 +88,21 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sane_hf.zoo' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 if TYPE_CHECKING:  # pragma: no cover
     from sane_hf.state_dict_io import state_dict_from_bytes, state_dict_to_bytes
+    from sane_hf.zoo.architectures import create_model, list_architectures, register_architecture
+    from sane_hf.zoo.config import ZooConfig, load_zoo_config, load_zoo_summary
     from sane_hf.zoo.dataset import (
         NUMERIC_COLUMNS,
         SPLITS,
         ZOO_FEATURES,
-        ZooConfig,
         build_zoo,
         fit_tokenizer_on_zoo,
         iter_state_dicts,
         load_zoo,
-        load_zoo_config,
-        load_zoo_summary,
         split_model_ids,
         tokenize_zoo,
         with_numeric_format,
