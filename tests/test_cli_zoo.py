@@ -108,8 +108,8 @@ def test_help_texts_are_consistent(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--no_progress, --no-progress turn --progress off" in text
-    assert "--no_permutation, --no-permutation turn --permutation off" in text
+    assert "--no-progress, --no_progress turn --progress off" in text
+    assert "--no-permutation, --no_permutation turn --permutation off" in text
 
 
 @pytest.mark.slow  # three small builds, one in a subprocess: ~1-2 min on 2 busy cores

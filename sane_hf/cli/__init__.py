@@ -2,9 +2,13 @@
 exposes ``HELP`` (its one line in ``sane-hf --help``) and ``register(subparsers)``; this module only
 assembles them.
 
-Starting is fast: the subcommand modules import nothing heavy at module level, and only the
-subcommand being run builds its flags (which may need torch or transformers for the configs they
-come from), so ``sane-hf --help`` imports neither torch nor transformers. The work itself imports
+Flags come from the config dataclasses (``ZooConfig``, ``SaneTrainingConfig``, ``SamplingEvalConfig``,
+``QuickstartConfig``) through one builder, :func:`sane_hf.cli._config_flags.add_config_flags`: each
+field is a flag with its ``help``, spelled ``--field-name`` and ``--field_name``.
+
+Starting is fast: the subcommand modules import nothing heavy at module level, only the subcommand
+being run builds its flags, and the configs they come from import neither torch nor transformers,
+so ``sane-hf --help`` and every ``sane-hf <command> --help`` import neither. The work itself imports
 what it needs inside the command function."""
 
 from __future__ import annotations

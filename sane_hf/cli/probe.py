@@ -32,10 +32,16 @@ __all__ = ["register", "run_probe"]
 HELP = "predict model properties from SANE embeddings (linear probes vs baselines)"
 
 
+# The library's choices, spelled here so that `--help` imports no torch: sane_hf.probing.DEFAULT_TARGETS and
+# METHODS, sane_hf.embedding.POOLINGS and DEFAULT_POOLING (tests/test_cli_flags.py checks that they are equal).
+DEFAULT_TARGETS = ("test_acc", "epoch", "ggap", "activation", "optimizer", "init")
+METHODS = ("sane", "layer_stats", "raw")
+POOLINGS = ("layer", "mean", "max", "flatten", "none")
+DEFAULT_POOLING = "layer"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import add_runtime_flags
-    from sane_hf.embedding import DEFAULT_POOLING, POOLINGS
-    from sane_hf.probing import DEFAULT_TARGETS, METHODS
 
     p = subparsers.add_parser(
         "probe",

@@ -25,6 +25,8 @@ HELP = "the main job on embedded defaults: build zoo -> train -> probe -> sample
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import positive_int
+    from sane_hf.cli._config_flags import add_config_flags
+    from sane_hf.quickstart.config import QuickstartConfig
 
     p = subparsers.add_parser(
         "quickstart",
@@ -40,13 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("sane-quickstart"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the zoo grid and split, SANE training and sampling")
-    p.add_argument("--fast", action="store_true",
-                   help="smoke settings (20 small models, a tiny SANE, 30 steps); numbers not meaningful")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute the probe and sampling stages even when their metrics exist")
-    p.add_argument("--num-threads", "--num_threads", dest="num_threads", type=positive_int, default=None,
-                   metavar="N", help="torch CPU threads of training, probing and sampling (default: OMP_NUM_THREADS "
-                                     "when set, else 1, the fastest measured on a busy 2-core machine)")
+    add_config_flags(p, QuickstartConfig, only=("num_threads", "fast_mode"), names={"fast_mode": "fast"}, overrides={
+        "num_threads": {"type": positive_int, "metavar": "N",
+                        "help": "torch CPU threads of training, probing and sampling (default: OMP_NUM_THREADS when set, "
+                                "else 1, the fastest measured on a busy 2-core machine)"},
+    })  # fmt: skip
     p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_quickstart_command)
 
@@ -55,12 +57,14 @@ def run_quickstart_command(args: argparse.Namespace) -> int:
     import dataclasses
 
     from sane_hf.cli._common import env_threads
+    from sane_hf.cli._config_flags import config_values
     from sane_hf.quickstart import QuickstartConfig, run_quickstart
 
-    config = (QuickstartConfig.fast() if args.fast else QuickstartConfig()).with_seed(args.seed)
-    threads = args.num_threads if args.num_threads is not None else env_threads()
-    if threads is not None:
-        config = dataclasses.replace(config, num_threads=threads)
+    given = config_values(QuickstartConfig, args)
+    config = (QuickstartConfig.fast() if given.pop("fast_mode", False) else QuickstartConfig()).with_seed(args.seed)
+    if "num_threads" not in given and env_threads() is not None:  # the command's default: OMP_NUM_THREADS
+        given["num_threads"] = env_threads()
+    config = dataclasses.replace(config, **given)
     try:
         run_quickstart(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     except ValueError as err:

@@ -14,23 +14,24 @@ of samples vs prompts and samples per prompt). Without ``--evaluate`` only the t
 the zoo's prompts are needed, for any zoo; nothing is written when a step fails. With ``--evaluate`` the full protocol of :mod:`sane_hf.evaluation` runs: accuracy after
 0/1/5 fine-tuning epochs beside random init, noise at matched distance, the aligned prompt
 average and the prompts; nearest-training-checkpoint distances and prediction agreement; transfer
-to another task; plus ``accuracy_vs_epoch.png``. Every option below comes from
-:class:`sane_hf.evaluation.SamplingEvalConfig`.
+to another task; plus ``accuracy_vs_epoch.png``. Every :class:`sane_hf.evaluation.SamplingEvalConfig`
+field but ``window`` and ``halo`` is a flag, with its ``help`` and default (built by
+:func:`sane_hf.cli._config_flags.add_config_flags`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 from sane_hf.serialization import writes_folder
 
-__all__ = ["register", "run_sample"]
+__all__ = ["register", "run_sample", "SKIPPED_FIELDS"]
 
-_SKIP = ("window", "halo")  # advanced: kept at the model's defaults on the command line
+#: SamplingEvalConfig fields with no flag: advanced, kept at the model's defaults on the command line
+SKIPPED_FIELDS = ("window", "halo")
 
 
 #: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
@@ -61,19 +62,10 @@ def _bandwidth(text: str) -> float | str:
     return value
 
 
-def _yes_no(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("yes", "true", "1", "on"):
-        return True
-    if value in ("no", "false", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import add_runtime_flags
-    from sane_hf.evaluation import SamplingEvalConfig
-    from sane_hf.sampling import SAMPLING_MODES
+    from sane_hf.cli._config_flags import add_config_flags
+    from sane_hf.evaluation.config import SamplingEvalConfig
 
     p = subparsers.add_parser(
         "sample",
@@ -98,34 +90,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device for SANE (default: cuda if available, else cpu)")
     p.add_argument("--no-plots", "--no_plots", action="store_true", help="no PNG")
     add_runtime_flags(p)
-    special = {
-        "finetune_epochs": {"type": _epochs, "metavar": "E1,E2,..."},
+    add_config_flags(p, SamplingEvalConfig, skip=SKIPPED_FIELDS, overrides={
+        "finetune_epochs": {"type": _epochs, "metavar": "E1,E2,...", "shown": ",".join(map(str, SamplingEvalConfig.__dataclass_fields__["finetune_epochs"].default))},
         "bandwidth": {"type": _bandwidth},
-        "mode": {"choices": SAMPLING_MODES},
-        "score": {"choices": ("train-acc", "none")},
-        "spread_anchors": {"type": _yes_no, "metavar": "{yes,no}"},
-        "residual": {"type": _yes_no, "metavar": "{yes,no}"},
-    }
-    defaults = SamplingEvalConfig()
-    for f in dataclasses.fields(SamplingEvalConfig):
-        if f.name in _SKIP:
-            continue
-        default = getattr(defaults, f.name)
-        kwargs: dict[str, Any] = special.get(f.name, {})
-        if "type" not in kwargs and "choices" not in kwargs:
-            kind = type(default) if default is not None else int
-            kwargs["type"] = float if kind is float else int if kind is int else str
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
-                       help=f"{f.metadata.get('help', '')} (default: {shown})", **kwargs)
+    })  # fmt: skip
     p.set_defaults(func=run_sample)
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
+    from sane_hf.cli._config_flags import config_values
     from sane_hf.evaluation import SamplingEvalConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingEvalConfig) if hasattr(args, f.name)}
-    return SamplingEvalConfig(**values)
+    return SamplingEvalConfig(**config_values(SamplingEvalConfig, args))
 
 
 def _load_zoo_config(args: argparse.Namespace) -> Any:

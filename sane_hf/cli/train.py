@@ -5,8 +5,8 @@
     sane-hf train --zoo zoos/digits-cnn --out runs/sane-digits [--config small|defaults|large] [--resume]
                   [--max-steps N] [--batch-size N] [--learning-rate LR] ...
 
-Every :class:`~sane_hf.training.SaneTrainingConfig` field is a flag (``transformers.HfArgumentParser``
-builds them from the dataclass, with its ``help`` texts and defaults). ``--zoo`` takes a raw zoo
+Every :class:`~sane_hf.training.SaneTrainingConfig` field is a flag, with its ``help`` text and default
+(built by :func:`sane_hf.cli._config_flags.add_config_flags`; ``--max-steps`` and ``--max_steps`` both work). ``--zoo`` takes a raw zoo
 folder (``sane-hf zoo build``/``import``) or a tokenized one (``DatasetDict.save_to_disk``) with its
 tokenizer (``--tokenizer``, or ``weight_tokenizer.json`` inside the folder). Several processes:
 ``accelerate launch --multi_gpu --num_processes N -m sane_hf.cli train ...`` (add ``--cpu`` for
@@ -27,23 +27,13 @@ __all__ = ["register", "run_train", "format_summary"]
 HELP = "train SANE on a model zoo (Accelerate: CPU, GPU, multi-process)"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from transformers import HfArgumentParser
+    from sane_hf.cli._common import HelpFormatter, positive_int
+    from sane_hf.cli._config_flags import add_config_flags
+    from sane_hf.training.config import DEFAULT_PRESET, PRESETS, SaneTrainingConfig
 
-    from sane_hf.cli._common import HelpFormatter
-    from sane_hf.training import DEFAULT_PRESET, PRESETS, SaneTrainingConfig
-
-    fields = HfArgumentParser(SaneTrainingConfig, add_help=False)
     train = subparsers.add_parser(
         "train",
-        parents=[fields],
         help=HELP,
         description=(
             "Train a SANE autoencoder on a zoo and write the model, its tokenizer and metrics.json to --out. "
@@ -52,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    _fix_negative_flag_help(train)
+    add_config_flags(train, SaneTrainingConfig)
     group = train.add_argument_group("zoo and model")
     group.add_argument("--zoo", required=True, type=Path,
                        help="zoo folder: raw (sane-hf zoo build/import) or tokenized (save_to_disk) with its tokenizer")
@@ -69,21 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a SaneConfig config.json to use instead of a preset (token_size must match the zoo)")
     group.add_argument("--tokenizer", type=Path, default=None,
                        help="weight_tokenizer.json (or its folder) of a tokenized zoo, or one to use for a raw zoo")
-    group.add_argument("--token-size", type=_positive_int, default=64,
+    group.add_argument("--token-size", type=positive_int, default=64,
                        help="token size of the tokenizer built for a raw zoo (ignored when a tokenizer is given)")
-    group.add_argument("--window-size", type=_positive_int, default=None,
+    group.add_argument("--window-size", type=positive_int, default=None,
                        help="override the preset's window_size (tokens per training window)")
     group.add_argument("--halo-size", type=int, default=None, help="override the preset's halo_size")
     train.set_defaults(func=run_train)
-
-
-def _fix_negative_flag_help(parser: argparse.ArgumentParser) -> None:
-    """``HfArgumentParser`` gives ``--no_progress``/``--no_permutation`` the positive flag's help: say what they do."""
-    for action in parser._actions:
-        negative = [o for o in action.option_strings if o.startswith("--no_")]
-        if negative and action.help:
-            positive = "--" + negative[0][len("--no_"):].replace("_", "-")
-            action.help = f"turn {positive} off (it is on by default). {positive}: {action.help}"
 
 
 def _token_size(args: argparse.Namespace) -> tuple[int, Any, Any]:
@@ -211,15 +192,13 @@ def format_summary(output_dir: Path) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from accelerate import PartialState
 
+    from sane_hf.cli._config_flags import config_values
     from sane_hf.training import SaneTrainingConfig, train_sane
 
-    names = [f.name for f in dataclasses.fields(SaneTrainingConfig)]
     try:
-        training = SaneTrainingConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+        training = SaneTrainingConfig(**config_values(SaneTrainingConfig, args))
         token_size, tokenizer, known = _token_size(args)
         config = _model_config(args, token_size, training, known)
         out = train_sane(config, args.zoo, training, tokenizer=tokenizer)

@@ -13,43 +13,25 @@ Several processes: ``accelerate launch --num_processes N -m sane_hf.cli zoo buil
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_build", "run_import", "format_summary", "small_split_warning"]
+__all__ = ["register", "run_build", "run_import", "format_summary", "small_split_warning", "NOT_BUILD_FLAGS"]
 
 
 #: the one-line help of this subcommand in `sane-hf --help` (read without building its flags)
 HELP = "build or import model zoos (Hugging Face datasets of checkpoints)"
 
-
-def _help(name: str) -> str:
-    """The ``help`` metadata of ``ZooConfig.<name>`` with its default (one class drives API and CLI)."""
-    from sane_hf.zoo.dataset import ZooConfig
-
-    f = ZooConfig.__dataclass_fields__[name]
-    default = getattr(ZooConfig(), name)
-    text = f.metadata.get("help", "")
-    return text if default in (None, "", {}) else f"{text} (default: {default})"
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"width\": 16}'")
-    return value
+#: ZooConfig fields that are not flags of `sane-hf zoo build`: the build derives them from the task, or importers set them
+NOT_BUILD_FLAGS = ("in_channels", "num_classes", "source", "import_options", "arch_entrypoint", "task_entrypoint")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sane_hf.cli._common import add_runtime_flags
-    from sane_hf.zoo.dataset import ZooConfig
+    from sane_hf.cli._config_flags import add_config_flags
+    from sane_hf.zoo.config import ZooConfig
 
-    defaults = ZooConfig()
     zoo = subparsers.add_parser(
         "zoo",
         help=HELP,
@@ -71,31 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, type=Path, help="output zoo folder")
     build.add_argument("--config", type=Path, default=None,
                        help="a zoo_config.json to start from (flags given explicitly override it)")
-    build.add_argument("--task", default=argparse.SUPPRESS, help=_help("task"))
-    build.add_argument("--arch", default=argparse.SUPPRESS, help=_help("arch"))
-    build.add_argument("--num-models", type=int, default=argparse.SUPPRESS, help=_help("num_models"))
-    build.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help=_help("epochs"))
-    build.add_argument("--checkpoint-epochs", type=int, nargs="+", default=argparse.SUPPRESS,
-                       help=_help("checkpoint_epochs"))
-    build.add_argument("--image-size", type=int, default=argparse.SUPPRESS, help=_help("image_size"))
-    build.add_argument("--train-subset", type=int, default=argparse.SUPPRESS, help=_help("train_subset"))
-    build.add_argument("--eval-subset", type=int, default=argparse.SUPPRESS, help=_help("eval_subset"))
-    build.add_argument("--arch-kwargs", type=_json_object, default=argparse.SUPPRESS,
-                       help=_help("arch_kwargs") + " Given as JSON.")
-    build.add_argument("--grid", type=_json_object, default=argparse.SUPPRESS,
-                       help=_help("grid") + ' Given as JSON, e.g. \'{"lr_range": [1e-4, 1e-2]}\'.')
-    build.add_argument("--seed", type=int, default=argparse.SUPPRESS, help=_help("seed"))
-    build.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                       default=argparse.SUPPRESS, help=_help("split_fractions"))
-    build.add_argument("--align", action="store_true", default=argparse.SUPPRESS, help=_help("align"))
-    build.add_argument("--num-workers", type=int, default=argparse.SUPPRESS, help=_help("num_workers"))
-    build.add_argument("--device", default=argparse.SUPPRESS, help=_help("device"))
-    build.add_argument("--models-per-chunk", type=int, default=argparse.SUPPRESS, help=_help("models_per_chunk"))
-    build.add_argument("--max-shard-bytes", type=int, default=argparse.SUPPRESS, help=_help("max_shard_bytes"))
-    build.add_argument("--description", default=argparse.SUPPRESS, help=_help("description"))
+    add_config_flags(build, ZooConfig, skip=NOT_BUILD_FLAGS, overrides={
+        "split_fractions": {"metavar": ("TRAIN", "VAL", "TEST")},
+        "grid": {"help": ZooConfig.__dataclass_fields__["grid"].metadata["help"]
+                 + ' Given as JSON, e.g. \'{"lr_range": [1e-4, 1e-2]}\'.'},
+    })  # fmt: skip
     build.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
     add_runtime_flags(build)
-    build.set_defaults(func=run_build, _defaults=defaults)
+    build.set_defaults(func=run_build)
 
     imp = zoo_sub.add_parser(
         "import",
@@ -130,19 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "to SRC ('file'/'name'/'stem' also accepted) (default: SRC/properties.csv or .json)")
     imp.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                      help="folder format: find checkpoints in subfolders too (--no-recursive: top level only)")
-    imp.add_argument("--seed", type=int, default=0, help="seed of the split by model (default: 0)")
-    imp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                     default=[0.7, 0.15, 0.15], help="fractions of models in train/validation/test (default: 0.7 0.15 0.15)")
+    add_config_flags(imp, ZooConfig, only=("seed", "split_fractions"), overrides={
+        "seed": {"help": "Seed of the split by model."}, "split_fractions": {"metavar": ("TRAIN", "VAL", "TEST")},
+    })  # fmt: skip
     imp.add_argument("--overwrite", action="store_true", help="discard what --out holds and start over")
     add_runtime_flags(imp)
     imp.set_defaults(func=run_import)
-
-
-_BUILD_FLAGS = (
-    "task", "arch", "num_models", "epochs", "checkpoint_epochs", "image_size", "train_subset", "eval_subset",
-    "arch_kwargs", "grid", "seed", "split_fractions", "align", "num_workers", "device", "models_per_chunk",
-    "max_shard_bytes", "description",
-)
 
 
 #: Models per split a fixed-split probe needs (``sane_hf.probing.check_model_splits``).
@@ -199,16 +157,15 @@ def format_summary(out_dir: Path, seconds: float | None = None) -> str:
 
 def run_build(args: argparse.Namespace) -> int:
     from sane_hf.cli._common import apply_num_threads
+    from sane_hf.cli._config_flags import config_values
     from sane_hf.zoo.dataset import ZooConfig, _distributed_state, build_zoo, load_zoo_config
 
     apply_num_threads(args.num_threads)
-    base = load_zoo_config(args.config).to_dict() if args.config is not None else args._defaults.to_dict()
+    base: dict[str, Any] = {}
     if args.config is not None:
-        for derived in ("in_channels", "num_classes"):
-            base[derived] = None
-    overrides = {name: getattr(args, name) for name in _BUILD_FLAGS if hasattr(args, name)}
+        base = {**load_zoo_config(args.config).to_dict(), "in_channels": None, "num_classes": None}
     try:
-        config = ZooConfig.from_dict({**base, **overrides})
+        config = ZooConfig.from_dict({**base, **config_values(ZooConfig, args)})
     except ValueError as err:
         raise SystemExit(f"sane-hf zoo build: {err}") from err
     from sane_hf.zoo.tasks import TaskNotInstalledError
@@ -230,15 +187,13 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     from sane_hf.cli._common import apply_num_threads
+    from sane_hf.cli._config_flags import config_values
+    from sane_hf.zoo.config import ZooConfig
     from sane_hf.zoo.importers import import_zoo
 
     apply_num_threads(args.num_threads)
-    kwargs: dict[str, Any] = {
-        "seed": args.seed,
-        "split_fractions": tuple(args.split_fractions),
-        "overwrite": args.overwrite,
-        "progress": not args.no_progress,
-    }
+    kwargs: dict[str, Any] = {**config_values(ZooConfig, args), "overwrite": args.overwrite,
+                              "progress": not args.no_progress}  # seed, split_fractions: the importers' defaults
     if args.arch is not None:
         kwargs["arch"] = args.arch
     if args.task is not None:
