@@ -349,3 +349,18 @@ def test_import_folder_checks_every_checkpoint_against_the_architecture(tmp_path
                       progress=False, cache_dir=str(tmp_path / "cache"))
     config = load_zoo_config(tmp_path / "z3")
     assert config.arch_entrypoint is None and config.task_entrypoint is None and config.arch == "<lambda>"
+
+
+def test_columns_from_a_source_record():
+    """Every importer reads a checkpoint's zoo columns from its source's record the same way: the first source
+    key present wins, values take the column's type, and missing or unreadable values are left out (unknown)."""
+    from sane_hf.zoo.importers.common import _columns_from
+
+    record = {"val_accuracy": "0.5", "validation_accuracy": "", "epochs_seen": "3", "config.seed": 7.0,
+              "optimizer": "adam", "lr": "n/a"}  # fmt: skip
+    sources = {"val_acc": ("validation_accuracy", "val_accuracy"), "epoch": "epochs_seen", "seed": "config.seed",
+               "optimizer": ("optim", "optimizer"), "lr": "lr", "test_acc": "test_accuracy"}  # fmt: skip
+    values = _columns_from(record, sources)
+    assert values == {"epoch": 3, "seed": 7, "optimizer": "adam"}  # "" (first present) and "n/a" are unknown
+    assert isinstance(values["epoch"], int) and isinstance(values["seed"], int)
+    assert _columns_from({"val_accuracy": "0.5"}, sources) == {"val_acc": 0.5}

@@ -2,9 +2,10 @@
 
 :func:`_resolve_user_code` resolves ``arch``/``task`` (names, ``module:callable`` entry points or
 callables, :mod:`sane_hf.zoo.custom`) into the module every checkpoint must load into;
-:func:`_run_import` converts a source's models (:class:`_Unit`) into part files, resumably, and
-assembles the zoo folder (splits, card, ``zoo_config.json``, ``zoo_summary.json``) from them.
-:func:`_coerce` turns a source's values into zoo column values.
+:func:`_run_import` converts a source's models (:class:`_Unit`, listed by :func:`_units`) into part
+files, resumably, and assembles the zoo folder (splits, card, ``zoo_config.json``,
+``zoo_summary.json``) from them. :func:`_columns_from` reads a checkpoint's zoo column values from a
+source record (:func:`_coerce` turns each into the column's type).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ from sane_hf.zoo.dataset import (
 )
 
 __all__: list[str] = []  # private machinery: the format modules import it by name
+
+_T = TypeVar("_T")
 
 #: properties an importer tries to fill (``ggap`` is derived)
 _MEASURED = tuple(p for p in PROPERTY_COLUMNS if p != "ggap")
@@ -164,6 +168,25 @@ class _Unit:
         return f"model-{self.model_id:06d}"
 
 
+def _units(sources: Sequence[tuple[str, _T]], convert: Callable[[_T], list[dict[str, Any]]]) -> Callable[[], list[_Unit]]:
+    """The models of a source, in order (model id = position): ``(label, item)`` pairs, each converted by
+    ``convert(item)`` into its checkpoints' value dicts (zoo columns and a ``state_dict``) when imported."""
+    return lambda: [_Unit(i, label, partial(convert, item)) for i, (label, item) in enumerate(sources)]
+
+
+def _columns_from(record: Mapping[str, Any], sources: Mapping[str, str | Sequence[str]]) -> dict[str, Any]:
+    """The zoo column values ``record`` holds: for each zoo column of ``sources``, the value of its first
+    source key present in ``record`` (one key, or several to try in order), as the column's type; a
+    missing or unreadable value is left out (the zoo fills in "unknown")."""
+    values = {}
+    for column, keys in sources.items():
+        key = next((k for k in ((keys,) if isinstance(keys, str) else keys) if k in record), None)
+        value = _coerce(column, record[key]) if key is not None else None
+        if value is not None:
+            values[column] = value
+    return values
+
+
 def _num(value: Any) -> float | None:
     """A float from CSV/JSON values ('' / None / non-numbers → None)."""
     if value is None or isinstance(value, bool):
@@ -197,15 +220,13 @@ def _run_import(
     units: Callable[[], list[_Unit]],
     *,
     options: Mapping[str, Any],
-    arch: str,
-    task: str,
+    user: _UserCode,
     seed: int,
     split_fractions: Sequence[float],
     overwrite: bool,
     progress: bool,
     cache_dir: str | None,
     notes: Sequence[str] = (),
-    user: _UserCode | None = None,
 ) -> DatasetDict:
     from tqdm.auto import tqdm
 
@@ -219,7 +240,6 @@ def _run_import(
     # the model list is part of the identity: a changed source is not resumed into old part files
     fingerprint = hashlib.sha1("\n".join(u.source for u in todo_units).encode()).hexdigest()[:16]
     options = {"src": str(src.resolve()), **options, "num_models": len(todo_units), "sources_sha1": fingerprint}
-    user = user or _UserCode(arch, None, None, task, None)
     arch, task = user.arch, user.task
     identity = {
         "source": f"import:{fmt}",

@@ -24,7 +24,7 @@ from sane_hf.zoo.importers.checkpoints import (
     _signature_of_file,
     load_checkpoint_file,
 )
-from sane_hf.zoo.importers.common import _coerce, _resolve_user_code, _run_import, _Unit
+from sane_hf.zoo.importers.common import _coerce, _columns_from, _resolve_user_code, _run_import, _units
 
 __all__ = ["import_folder"]
 
@@ -286,33 +286,21 @@ def import_folder(
     has_ids = all(k.startswith("model_id=") for k in by_model)
     names = sorted(by_model, key=(lambda k: int(k.split("=", 1)[1])) if has_ids else _natural_key)
 
-    def converter(paths: list[Path]) -> Callable[[], list[dict[str, Any]]]:
-        def convert() -> list[dict[str, Any]]:
-            out = []
-            for path in paths:
-                rel = rel_of[path]
-                rec = props.get(rel, {})
-                values = {
-                    col: _coerce(col, rec.get(col)) for col in ZOO_FEATURES if col not in ("weights", "model_id")
-                }
-                values = {k: v for k, v in values.items() if v is not None}
-                if "epoch" not in values and keys[rel][1] is not None:
-                    values["epoch"] = keys[rel][1]
-                values["state_dict"] = load_checkpoint_file(path)
-                out.append(values)
-            return out
+    columns = {col: col for col in ZOO_FEATURES if col not in ("weights", "model_id")}
 
-        return convert
-
-    def units() -> list[_Unit]:
-        return [
-            _Unit(i, ",".join(rel_of[p] for p in by_model[name]), converter(by_model[name]))
-            for i, name in enumerate(names)
-        ]
+    def convert(paths: list[Path]) -> list[dict[str, Any]]:
+        out = []
+        for path in paths:
+            rel = rel_of[path]
+            values = _columns_from(props.get(rel, {}), columns)
+            if "epoch" not in values and keys[rel][1] is not None:
+                values["epoch"] = keys[rel][1]
+            out.append({**values, "state_dict": load_checkpoint_file(path)})
+        return out
 
     return _run_import(
-        "folder", src, Path(out_dir), units,
+        "folder", src, Path(out_dir), _units([(",".join(rel_of[p] for p in by_model[n]), by_model[n]) for n in names], convert),
         options={"properties": str(properties) if properties is not None else None, "recursive": recursive},
-        arch=user.arch, task=user.task, seed=seed, split_fractions=split_fractions,
-        overwrite=overwrite, progress=progress, cache_dir=cache_dir, notes=notes, user=user,
-    )
+        user=user, seed=seed, split_fractions=split_fractions, overwrite=overwrite, progress=progress,
+        cache_dir=cache_dir, notes=notes,
+    )  # fmt: skip

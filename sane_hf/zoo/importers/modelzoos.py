@@ -14,7 +14,7 @@ import torch
 from datasets import DatasetDict
 
 from sane_hf.zoo.importers.checkpoints import load_checkpoint_file
-from sane_hf.zoo.importers.common import _coerce, _num, _resolve_user_code, _run_import, _Unit
+from sane_hf.zoo.importers.common import _columns_from, _resolve_user_code, _run_import, _units
 
 __all__ = ["MODELZOOS_PARAMS", "import_modelzoos"]
 
@@ -104,44 +104,28 @@ def import_modelzoos(
     first_params = _flatten(json.loads((trials[0] / "params.json").read_text())) if trials else {}
     user = _resolve_user_code(arch or str(first_params.get("model::type", "unknown")), build, task, seed=seed)
 
-    def converter(trial: Path) -> Callable[[], list[dict[str, Any]]]:
-        def convert() -> list[dict[str, Any]]:
-            params = _flatten(json.loads((trial / "params.json").read_text()))
-            hp = {}
-            for key, col in MODELZOOS_PARAMS.items():
-                if col == "arch":
-                    continue
-                value = _coerce(col, params.get(key))
-                if value is not None:
-                    hp[col] = value
-            results = _read_result_lines(trial / "result.json")
-            ckpts = []
-            for d in trial.iterdir():
-                m = _CKPT_DIR.match(d.name)
-                if d.is_dir() and m and (d / checkpoint_file).exists():
-                    ckpts.append((int(m.group(1)), d / checkpoint_file))
-            out = []
-            for epoch, path in sorted(ckpts):
-                values: dict[str, Any] = {**hp, "epoch": epoch}
-                res = results.get(epoch, {})
-                for col, keys in _RESULT_KEYS.items():
-                    value = next((res[k] for k in keys if k in res), None)
-                    if _num(value) is not None:
-                        values[col] = _num(value)
-                values["state_dict"] = load_checkpoint_file(path)
-                out.append(values)
-            if not out:
-                warnings.warn(f"{trial}: no checkpoint_<epoch>/{checkpoint_file} found", stacklevel=3)
-            return out
+    params_columns = {col: key for key, col in MODELZOOS_PARAMS.items() if col != "arch"}
 
-        return convert
-
-    def units() -> list[_Unit]:
-        return [_Unit(i, str(t.relative_to(src)), converter(t)) for i, t in enumerate(trials)]
+    def convert(trial: Path) -> list[dict[str, Any]]:
+        hp = _columns_from(_flatten(json.loads((trial / "params.json").read_text())), params_columns)
+        results = _read_result_lines(trial / "result.json")
+        ckpts = []
+        for d in trial.iterdir():
+            m = _CKPT_DIR.match(d.name)
+            if d.is_dir() and m and (d / checkpoint_file).exists():
+                ckpts.append((int(m.group(1)), d / checkpoint_file))
+        out = [
+            {**hp, "epoch": epoch, **_columns_from(results.get(epoch, {}), _RESULT_KEYS),
+             "state_dict": load_checkpoint_file(path)}
+            for epoch, path in sorted(ckpts)
+        ]  # fmt: skip
+        if not out:
+            warnings.warn(f"{trial}: no checkpoint_<epoch>/{checkpoint_file} found", stacklevel=3)
+        return out
 
     return _run_import(
-        "modelzoos", src, Path(out_dir), units,
+        "modelzoos", src, Path(out_dir), _units([(str(t.relative_to(src)), t) for t in trials], convert),
         options={"checkpoint_file": checkpoint_file},
-        arch=user.arch, task=user.task, seed=seed, split_fractions=split_fractions,
-        overwrite=overwrite, progress=progress, cache_dir=cache_dir, user=user,
+        user=user, seed=seed, split_fractions=split_fractions, overwrite=overwrite, progress=progress,
+        cache_dir=cache_dir,
     )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import DatasetDict
 
-from sane_hf.zoo.importers.common import _coerce, _resolve_user_code, _run_import, _Unit
+from sane_hf.zoo.importers.common import _columns_from, _resolve_user_code, _run_import, _units
 
 __all__ = ["UNTERTHINER_COLUMNS", "import_unterthiner"]
 
@@ -142,10 +142,7 @@ def import_unterthiner(
     if max(end for _, _, end, _ in layout) > weights.shape[1]:
         raise ValueError(f"layout addresses more values than weights.npy rows hold ({weights.shape[1]})")
     keys = _tf_key_names([name for name, *_ in layout])
-    columns = set(metrics[0]) if metrics else set()
-    mapping = {col: next((c for c in cands if c in columns), None) for col, cands in UNTERTHINER_COLUMNS.items()}
     user = _resolve_user_code(arch, build, task, seed=seed)
-    task_name = user.task
     task = user.task if task is not None else None
 
     by_model: dict[str, list[int]] = defaultdict(list)
@@ -153,36 +150,23 @@ def import_unterthiner(
         by_model[rec.get("modeldir") or f"row-{i:08d}"].append(i)
     names = sorted(by_model)
 
-    def converter(rows: list[int]) -> Callable[[], list[dict[str, Any]]]:
-        def convert() -> list[dict[str, Any]]:
-            out = []
-            for i in rows:
-                rec = metrics[i]
-                values: dict[str, Any] = {}
-                for col, source_col in mapping.items():
-                    if source_col is not None:
-                        value = _coerce(col, rec.get(source_col))
-                        if value is not None:
-                            values[col] = value
-                if task is not None:
-                    values["task"] = task
-                flat = np.asarray(weights[i])
-                sd = OrderedDict(
-                    (key, _tf_to_torch(name, flat[start:end].reshape(shape), torch_layout))
-                    for key, (name, start, end, shape) in zip(keys, layout)
-                )
-                values["state_dict"] = sd
-                out.append(values)
-            return out
-
-        return convert
-
-    def units() -> list[_Unit]:
-        return [_Unit(i, name, converter(by_model[name])) for i, name in enumerate(names)]
+    def convert(rows: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for i in rows:
+            values = _columns_from(metrics[i], UNTERTHINER_COLUMNS)
+            if task is not None:
+                values["task"] = task
+            flat = np.asarray(weights[i])
+            values["state_dict"] = OrderedDict(
+                (key, _tf_to_torch(name, flat[start:end].reshape(shape), torch_layout))
+                for key, (name, start, end, shape) in zip(keys, layout)
+            )
+            out.append(values)
+        return out
 
     return _run_import(
-        "unterthiner", src, Path(out_dir), units,
+        "unterthiner", src, Path(out_dir), _units([(name, by_model[name]) for name in names], convert),
         options={"torch_layout": torch_layout},
-        arch=user.arch, task=task_name, seed=seed, split_fractions=split_fractions,
-        overwrite=overwrite, progress=progress, cache_dir=cache_dir, user=user,
+        user=user, seed=seed, split_fractions=split_fractions, overwrite=overwrite, progress=progress,
+        cache_dir=cache_dir,
     )
