@@ -87,9 +87,7 @@ __all__ = [
     "import_unterthiner",
 ]
 
-
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
-
 
 if TYPE_CHECKING:  # pragma: no cover
     from sane_hf.state_dict_io import state_dict_from_bytes, state_dict_to_bytes
