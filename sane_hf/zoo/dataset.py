@@ -30,7 +30,8 @@ Pitfalls measured here and handled:
 - an empty parquet file breaks ``load_dataset``: an empty split is left out of the card's
   ``configs`` and :func:`load_zoo` adds it back as an empty :class:`datasets.Dataset`.
 
-The code lives in :mod:`sane_hf.zoo.schema` (columns, :class:`ZooConfig`, weights as bytes),
+The code lives in :mod:`sane_hf.zoo.config` (:class:`ZooConfig`, without torch),
+:mod:`sane_hf.zoo.schema` (columns, weights as bytes),
 :mod:`sane_hf.zoo.build` (part store, assembly, splits, :func:`build_zoo`),
 :mod:`sane_hf.zoo.loading` (:func:`load_zoo`, iteration, tokenization) and
 :mod:`sane_hf.cards.dataset_card` (the dataset card); every public name is importable from here and
