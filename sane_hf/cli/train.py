@@ -7,8 +7,9 @@
 
 Every :class:`~sane_hf.training.SaneTrainingConfig` field is a flag, with its ``help`` text and default
 (built by :func:`sane_hf.cli._config_flags.add_config_flags`; ``--max-steps`` and ``--max_steps`` both
-work). ``--zoo`` takes a raw zoo folder (``sane-hf zoo build``/``import``) or a tokenized one (``DatasetDict.save_to_disk``) with its
-tokenizer (``--tokenizer``, or ``weight_tokenizer.json`` inside the folder). Several processes:
+work). ``--zoo`` takes a raw zoo folder (``sane-hf zoo build``/``import``) or a tokenized one
+(``DatasetDict.save_to_disk``) with its tokenizer (``--tokenizer``, or ``weight_tokenizer.json`` inside
+the folder). Several processes:
 ``accelerate launch --multi_gpu --num_processes N -m sane_hf.cli train ...`` (add ``--cpu`` for
 CPU processes).
 """
