@@ -45,6 +45,8 @@ def test_sample_evaluate_writes_metrics_png_and_samples(zoo_and_model, capsys):
         assert finite(novelty[group]["nearest_distance"]) and finite(novelty[group]["agreement"])
     # the noise baseline sits exactly as far from its prompt as the sample from its nearest prompt
     assert novelty["noise"]["prompt_distance"] == novelty["sampled"]["prompt_distance"]
+    # and each noise model is the best of as many draws as each sample had candidates: 3 for 2 samples
+    assert novelty["noise"]["draws_per_model"] == 2 and novelty["noise"]["selected_by"] == "train-acc"
     transfer = metrics["transfer"]
     assert transfer is not None and transfer["epochs"] == 1 and math.isfinite(transfer["gain_over_random_init"])
     assert set(transfer["accuracy"]) == {"sampled", "random_init", "prompts", "noise", "sampled_source_score"}

@@ -97,3 +97,48 @@ def test_evaluation_spec_tolerates_operations_the_walker_does_not_know():
     assert index == [1] and dists[0] == 0.0  # itself is its nearest neighbour, at distance 0
     direct = math.sqrt(sum(float((a[k] - b[k]).double().pow(2).sum()) for k in keys))
     assert nearest_neighbours([a], [b], spec, keys)[0][0] <= direct + 1e-9  # alignment never adds distance
+
+
+def test_noise_gets_the_samples_selection_best_of_draws_by_the_score():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    spec = permutation_spec(net, torch.zeros(2, 4))
+    keys = list(net.state_dict())
+    prompts = [_mlp(0), _mlp(1)]
+    gen = torch.Generator().manual_seed(0)
+    samples = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in prompts[j].items()} for j in (0, 1, 1)]
+
+    def score(sd):  # any deterministic score of a state_dict: here the last bias's first entry
+        return float(sd[keys[-1]][0])
+
+    plain, index, dists = matched_noise(samples, prompts, spec, keys, torch.Generator().manual_seed(3))
+    chosen, index2, dists2 = matched_noise(samples, prompts, spec, keys, torch.Generator().manual_seed(3),
+                                           score_fn=score, draws=5)
+    assert (index2, dists2) == (index, dists)
+    # the same generator draws the same 5 candidates per sample, in order: rebuild them by hand
+    from sane_hf.evaluation import noise_like
+
+    gen = torch.Generator().manual_seed(3)
+    for noise, j, d in zip(chosen, index, dists):
+        candidates = [noise_like(prompts[j], keys, d, gen) for _ in range(5)]
+        best = max(candidates, key=score)
+        assert all(torch.equal(noise[k], best[k]) for k in keys)
+        assert score(noise) == max(score(c) for c in candidates)
+        to_noise = math.sqrt(sum(float((noise[k] - prompts[j][k]).double().pow(2).sum()) for k in keys))
+        assert math.isclose(to_noise, d, rel_tol=1e-5)  # selection keeps the matched distance
+    # the first draw of each sample's first candidate is the unselected baseline's noise model
+    assert all(torch.equal(plain[0][k], noise_like(prompts[index[0]], keys, dists[0],
+                                                   torch.Generator().manual_seed(3))[k]) for k in keys)
+    with pytest.raises(ValueError, match="need a score_fn"):
+        matched_noise(samples, prompts, spec, keys, torch.Generator(), draws=2)
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        matched_noise(samples, prompts, spec, keys, torch.Generator(), score_fn=score, draws=0)
+
+
+def test_selection_draws_follow_the_samplers_budget():
+    from sane_hf.evaluation import SamplingEvalConfig, selection_draws
+
+    assert selection_draws(SamplingEvalConfig(num_samples=8)) == 4  # 4 x num_samples candidates by default
+    assert selection_draws(SamplingEvalConfig(num_samples=8, candidates=16)) == 2
+    assert selection_draws(SamplingEvalConfig(num_samples=8, candidates=16, bootstrap_rounds=2)) == 6
+    assert selection_draws(SamplingEvalConfig(num_samples=8, candidates=32), bootstrap_rounds=1) == 8
+    assert selection_draws(SamplingEvalConfig(num_samples=8, candidates=8)) == 1

@@ -17,7 +17,10 @@ Given a trained SANE, its tokenizer and a zoo:
    - ``noise``: sample ``i``'s nearest prompt (after alignment) plus isotropic Gaussian noise on the
      parameters whose norm equals that distance: "the same prompts perturbed as far as the samples
      are" — so a sampler that keeps only candidates near the best prompts is compared with noise
-     around those prompts, not around all of them;
+     around those prompts, not around all of them. Scored samples were each chosen from several
+     candidates (:func:`selection_draws`: ``candidates · (bootstrap_rounds + 1) / num_samples``,
+     4 by default), so each noise model is the best of as many noise draws by the same score
+     (:func:`source_score_fn`): selection alone cannot make the samples beat noise;
    - ``noise_matched_accuracy``: the same prompts with one common noise norm, chosen by bisection so that
      the mean *validation* accuracy equals the samples' (:func:`calibrate_noise`): "prompts
      perturbed until they are as good as the samples" — the reference for "farther from the zoo
@@ -43,7 +46,8 @@ Given a trained SANE, its tokenizer and a zoo:
    drawn again around the same prompts, ranked by :func:`target_score_fn` on
    ``transfer_score_samples`` labelled images of the new task, and the KDE is refit on the best
    ones for ``transfer_bootstrap_rounds`` rounds. Reported beside them: the source-scored samples,
-   the prompts, prompts + noise as far as the target-scored samples are, and random init.
+   the prompts, prompts + noise as far as the target-scored samples are (each the best of as many
+   draws by the new task's score), and random init.
 
 Everything is written to ``out_dir``: ``metrics.json``, ``accuracy_vs_epoch.png`` and the
 samples as ``sample_XXX.safetensors`` (metadata: score, anchor prompt, round, activation).
@@ -84,6 +88,8 @@ _LAZY: dict[str, str] = {
     "run_sampling": "sane_hf.evaluation.draw",
     "save_samples": "sane_hf.evaluation.draw",
     "select_prompts": "sane_hf.evaluation.draw",
+    "selection_draws": "sane_hf.evaluation.draw",
+    "source_score_fn": "sane_hf.evaluation.draw",
     "plot_accuracy": "sane_hf.evaluation.plotting",
     "evaluate_sampling": "sane_hf.evaluation.protocol",
     "resolve_transfer_task": "sane_hf.evaluation.protocol",
@@ -109,6 +115,8 @@ __all__ = [
     "prediction_agreement",
     "resolve_transfer_task",
     "run_sampling",
+    "selection_draws",
+    "source_score_fn",
     "diversity_metrics",
     "prompt_metrics",
     "evaluate_sampling",
@@ -141,6 +149,8 @@ if TYPE_CHECKING:  # pragma: no cover
         run_sampling,
         save_samples,
         select_prompts,
+        selection_draws,
+        source_score_fn,
     )
     from sane_hf.evaluation.plotting import plot_accuracy
     from sane_hf.evaluation.protocol import evaluate_sampling, resolve_transfer_task

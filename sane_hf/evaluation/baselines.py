@@ -241,16 +241,33 @@ def matched_noise(
     spec: Any,
     keys: Sequence[str],
     generator: torch.Generator,
+    *,
+    score_fn: Callable[[Mapping[str, Tensor]], float] | None = None,
+    draws: int = 1,
 ) -> tuple[list[dict[str, Tensor]], list[int], list[float]]:
     """The "prompts + noise at matched distance" baseline of ``samples``.
 
     Noise model ``i`` is sample ``i``'s nearest prompt (after alignment) plus isotropic Gaussian
     noise on ``keys`` whose L2 norm equals that distance. Anchoring each noise model at the same
     prompt as its sample keeps the comparison fair when a sampler concentrates on the best
-    prompts. Returns ``(noise state_dicts, nearest prompt index per sample, distances)``.
+    prompts.
+
+    With ``score_fn`` and ``draws > 1`` the noise gets the samples' selection too: ``draws``
+    noise models are drawn for each sample (same prompt, same distance) and the one ``score_fn``
+    rates highest is kept — as a scored sampler keeps its best candidates, so that selection
+    alone cannot make the samples look better than noise.
+
+    Returns ``(noise state_dicts, nearest prompt index per sample, distances)``.
     """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if draws > 1 and score_fn is None:
+        raise ValueError(f"draws={draws} noise models per sample need a score_fn to choose the best by")
     dists, index = nearest_neighbours(samples, prompts, spec, keys)
-    noisy = [noise_like(prompts[j], keys, d, generator) for j, d in zip(index, dists)]
+    noisy = []
+    for j, d in zip(index, dists):
+        candidates = [noise_like(prompts[j], keys, d, generator) for _ in range(draws)]
+        noisy.append(candidates[0] if draws == 1 else max(candidates, key=score_fn))  # first best on ties
     return noisy, index, dists
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "prompt_metrics",
     "diversity_metrics",
     "save_samples",
+    "source_score_fn",
+    "selection_draws",
 ]
 
 
@@ -249,10 +251,26 @@ def run_sampling(
                 "module:callable to score samples)"
             )
         else:
-            n = config.score_samples
-            score_fn = accuracy_score_fn(setup.build, setup.task.x_train[:n], setup.task.y_train[:n], setup.bn_data)
+            score_fn = source_score_fn(setup, config)
     samples = _draw(model, tokenizer, setup, config, score_fn, config.bootstrap_rounds, progress)
     return setup, samples
+
+
+def source_score_fn(setup: SamplingSetup, config: SamplingEvalConfig) -> Callable[[Mapping[str, Tensor]], float]:
+    """The score that ranks candidates: accuracy on the first ``config.score_samples`` training images."""
+    n = config.score_samples
+    return accuracy_score_fn(setup.build, setup.task.x_train[:n], setup.task.y_train[:n], setup.bn_data)
+
+
+def selection_draws(config: SamplingEvalConfig, bootstrap_rounds: int | None = None) -> int:
+    """Candidates scored per kept sample by a scored draw: ``candidates · (bootstrap_rounds + 1) / num_samples``.
+
+    ``bootstrap_rounds`` defaults to ``config.bootstrap_rounds``. The sampler draws
+    ``4 · num_samples`` candidates per round by default, so 4 without bootstrapping.
+    """
+    rounds = config.bootstrap_rounds if bootstrap_rounds is None else bootstrap_rounds
+    candidates = config.candidates if config.candidates is not None else 4 * config.num_samples
+    return max(1, round(candidates * (rounds + 1) / config.num_samples))
 
 
 def _draw(

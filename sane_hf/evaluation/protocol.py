@@ -32,7 +32,15 @@ from sane_hf.evaluation.baselines import (
     target_score_fn,
 )
 from sane_hf.evaluation.config import TRANSFER_CANDIDATES, SamplingEvalConfig
-from sane_hf.evaluation.draw import _draw, diversity_metrics, prompt_metrics, run_sampling, save_samples
+from sane_hf.evaluation.draw import (
+    _draw,
+    diversity_metrics,
+    prompt_metrics,
+    run_sampling,
+    save_samples,
+    selection_draws,
+    source_score_fn,
+)
 from sane_hf.evaluation.plotting import plot_accuracy
 from sane_hf.sampling import condition_batchnorm, reset_head
 from sane_hf.serialization import atomic_write_text
@@ -166,9 +174,15 @@ def evaluate_sampling(
     sample_nets = [setup.load(sd) for sd in sample_sds]
     prompt_nets = [setup.load(sd, condition=False) for sd in setup.prompt_sds]
 
-    # the samples' distance to their nearest prompt sets the noise baseline's scale
+    # the samples' distance to their nearest prompt sets the noise baseline's scale; scored samples were
+    # chosen from several candidates each, so each noise model is the best of as many draws by the same score
     gen = torch.Generator().manual_seed(config.seed)
-    noise_sds, prompt_idx, prompt_dist = matched_noise(sample_sds, setup.prompt_sds, spec, keys, gen)
+    scored = setup.score == "train-acc"
+    draws = selection_draws(config) if scored else 1
+    noise_sds, prompt_idx, prompt_dist = matched_noise(
+        sample_sds, setup.prompt_sds, spec, keys, gen, score_fn=source_score_fn(setup, config) if scored else None,
+        draws=draws,
+    )
     bases = [setup.prompt_sds[j] for j in prompt_idx]  # each sample's nearest prompt
     noise_nets = [setup.load(sd) for sd in noise_sds]
 
@@ -223,7 +237,8 @@ def evaluate_sampling(
 
     novelty_metrics = {
         "sampled": {**novelty(sample_sds, sample_nets), "prompt_distance": _summary(prompt_dist)},
-        "noise": {**novelty(noise_sds, noise_nets), "prompt_distance": _summary(prompt_dist)},
+        "noise": {**novelty(noise_sds, noise_nets), "prompt_distance": _summary(prompt_dist),
+                  "draws_per_model": draws, "selected_by": setup.score if scored else "none"},
         "noise_matched_accuracy": {
             **novelty(matched_sds, matched_nets), "noise_norm": matched_norm, "target_val_acc": sample_val,
             # False when the samples beat the prompts themselves: no noise can match, the group = the prompts
@@ -279,8 +294,9 @@ def evaluate_sampling(
             )
             target_sds = [s.state_dict for s in target_samples]
             transfer_nets = [setup.load(sd) for sd in target_sds]
-            noisy, _, _ = matched_noise(
-                target_sds, setup.prompt_sds, spec, keys, torch.Generator().manual_seed(config.seed + 2)
+            noisy, _, _ = matched_noise(  # selected like the target-scored samples, by the same score
+                target_sds, setup.prompt_sds, spec, keys, torch.Generator().manual_seed(config.seed + 2),
+                score_fn=score_new, draws=selection_draws(config, config.transfer_bootstrap_rounds),
             )
             transfer_noise = [setup.load(sd) for sd in noisy]
             target_info = {
