@@ -15,11 +15,17 @@ small test split, which is why this diagnosis uses it. Features:
   train split (a data-defined basis undoes the rotation);
 - ``SANE latents: layer mean + std``: the library's readout (``pooling="layer"``);
 - ``SANE latents, PCA basis``: the latents in a per-layer PCA basis fitted on the train split;
-- ``SANE reconstructions: layer mean + std``: the decoded latents, read out like the tokens.
+- ``SANE reconstructions: layer mean + std``: the decoded latents, read out like the tokens;
+- ``SANE latents or reconstructions, chosen by inner CV``: per outer fold and target, whichever
+  of the two SANE readouts has the lower inner grouped-CV error (as a probe would choose between
+  them on its validation split), scored on the held-out fold.
 
 ::
 
-    python benchmarks/readout_diagnosis.py --model RUN_DIR --zoo ZOO_DIR
+    python benchmarks/readout_diagnosis.py --model RUN_DIR --zoo ZOO_DIR [--out JSON]
+
+Run on the five zoos of ``benchmarks/learning_curves.py`` (``--model $WORK/runs/<zoo>_recipe_s0
+--zoo $WORK/zoos/<zoo>``), results in ``benchmarks/results/readout_diagnosis_<zoo>.json``.
 """
 
 from __future__ import annotations
@@ -45,11 +51,28 @@ def cv_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> f
     """Out-of-fold R² of a standardised Ridge, penalty chosen by inner grouped CV."""
     pred = np.zeros_like(y)
     for train, test in GroupKFold(folds).split(x, y, groups):
-        search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": np.logspace(-2, 6, 9)},
-                              cv=GroupKFold(3), scoring="neg_mean_squared_error")
+        search = _search()
         search.fit(x[train], y[train], groups=groups[train])
         pred[test] = search.predict(x[test])
     return float(1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def _search() -> GridSearchCV:
+    return GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": np.logspace(-2, 6, 9)},
+                        cv=GroupKFold(3), scoring="neg_mean_squared_error")
+
+
+def cv_r2_chosen(xs: list[np.ndarray], y: np.ndarray, groups: np.ndarray, folds: int = 5) -> tuple[float, list[int]]:
+    """Out-of-fold R² when each outer fold uses the feature set (of ``xs``) with the best inner CV score.
+
+    Returns the R² and the index of the set chosen in each fold."""
+    pred, chosen = np.zeros_like(y), []
+    for train, test in GroupKFold(folds).split(xs[0], y, groups):
+        fits = [_search().fit(x[train], y[train], groups=groups[train]) for x in xs]
+        best = int(np.argmax([f.best_score_ for f in fits]))
+        chosen.append(best)
+        pred[test] = fits[best].predict(xs[best][test])
+    return float(1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()), chosen
 
 
 def pca_basis(x: torch.Tensor, layer_ids: torch.Tensor, num_train: int) -> torch.Tensor:
@@ -68,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a trained SANE folder (with its tokenizer)")
     parser.add_argument("--zoo", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "readout_diagnosis.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON to write (default: benchmarks/results/readout_diagnosis_<zoo folder name>.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / f"readout_diagnosis_{args.zoo.name}.json"
     torch.set_num_threads(1)
     from sane_hf import load_zoo
-    from sane_hf.embedding import embed_models, layer_pool
+    from sane_hf.embedding import decode_haloed, embed_models, layer_pool
     from sane_hf.modeling_sane import SaneModel
     from sane_hf.probing import layer_statistics
     from sane_hf.state_dict_io import state_dict_from_bytes
@@ -88,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         ds = zoo[split]
         encoded = tokenizer.encode_batch([state_dict_from_bytes(b) for b in ds["weights"]], normalize=True)
         layer_ids = encoded.positions[0, :, 1].long()
-        with torch.no_grad():
-            out = model(encoded.tokens, encoded.positions.long())
+        z = embed_models(model, tokenizer, ds, pooling="layer", return_token_latents=True, batch_size=64).token_latents
+        with torch.no_grad():  # decoded window by window with halos, as the latents were encoded
+            out = torch.stack([decode_haloed(model, z[i], encoded.positions[i].long()) for i in range(len(z))])
         tokens.append(encoded.tokens.double())
-        recon.append((out.reconstruction * encoded.mask).double())  # padding values are not part of a model
-        latents.append(embed_models(model, tokenizer, ds, pooling="layer", return_token_latents=True,
-                                    batch_size=64).token_latents.double())
+        recon.append((out * encoded.mask).double())  # padding values are not part of a model
+        latents.append(z.double())
         stats.append(layer_statistics(ds, tokenizer))
         for t in TARGETS:
             ys[t].append(np.asarray(ds[t], dtype=np.float64))
@@ -118,19 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     for name, x in features.items():
         rows[name] = {t: round(cv_r2(x, y[t], g), 4) for t in TARGETS}
         print(f"{name:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[name].items()), flush=True)
+    name = "SANE latents or reconstructions, chosen by inner CV"
+    pair = [features["SANE latents: layer mean + std"], features["SANE reconstructions: layer mean + std"]]
+    rows[name], choices = {}, {}
+    for t in TARGETS:
+        rows[name][t], picked = cv_r2_chosen(pair, y[t], g)
+        rows[name][t] = round(rows[name][t], 4)
+        choices[t] = ["latents" if i == 0 else "reconstructions" for i in picked]
+    print(f"{name:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[name].items()), flush=True)
     sane, baseline = rows["SANE latents: layer mean + std"]["test_acc"], rows["layer statistics"]["test_acc"]
-    verdict = (f"SANE's layer readout {'beats' if sane > baseline else 'loses to'} layer statistics on test_acc "
+    def compare(value: float) -> str:  # CV R² differences under 0.01 are well inside the seed-to-seed spread
+        return "is level with" if abs(value - baseline) < 0.01 else "beats" if value > baseline else "loses to"
+
+    verdict = (f"SANE's layer readout {compare(sane)} layer statistics on test_acc "
                f"(CV R² {sane:.3f} vs {baseline:.3f}); decoded, the same latents give "
-               f"{rows['SANE reconstructions: layer mean + std']['test_acc']:.3f}.")
+               f"{rows['SANE reconstructions: layer mean + std']['test_acc']:.3f}, and choosing between the two "
+               f"by inner CV {rows[name]['test_acc']:.3f} ({compare(rows[name]['test_acc'])} layer statistics).")
     print(verdict)
     from quality import machine  # benchmarks/ is on sys.path when this file runs as a script
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": str(args.model), "zoo": str(args.zoo), "machine": machine(), "cv": "5-fold GroupKFold by model_id",
-        "rows": rows, "verdict": verdict, "seconds": round(time.perf_counter() - start, 1),
-        "command": "python benchmarks/readout_diagnosis.py --model $WORK/runs/quickstart_recipe_s0 "
-                   "--zoo $WORK/zoos/quickstart  # $WORK: benchmarks/learning_curves.py's work dir",
+        "rows": rows, "chosen_per_fold": choices, "verdict": verdict, "seconds": round(time.perf_counter() - start, 1),
+        "command": "python benchmarks/readout_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": "$WORK: benchmarks/learning_curves.py's work dir; --model $WORK/runs/<zoo>_recipe_s<seed>",
     }, indent=1) + "\n")
     return 0
 
