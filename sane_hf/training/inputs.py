@@ -9,7 +9,6 @@ views; :func:`_check_model_fits` checks the model's window and position tables a
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,18 +48,6 @@ def _load_zoo_any(path: Path) -> datasets.DatasetDict:
 
         return datasets.load_from_disk(str(path))
     return load_zoo(path)
-
-
-def _check_single_arch(zoo: Mapping[str, Any]) -> None:
-    archs: set[str] = set()
-    for split in zoo.values():
-        if "arch" in split.column_names and len(split):
-            archs.update(split.unique("arch"))
-    if len(archs) > 1:
-        raise ValueError(
-            f"the zoo mixes architectures {sorted(archs)}; SANE trains on one architecture per tokenizer: "
-            "filter the zoo first (zoo.filter(lambda r: r['arch'] == ...))"
-        )
 
 
 def _prepare_zoo(
@@ -104,7 +91,9 @@ def _prepare_zoo(
         if len(data[split]) == 0:
             hint = "" if split == "train" else " (or set eval_split=None to train without validation)"
             raise ValueError(f"the zoo's {split!r} split is empty: nothing to train on{hint}")
-    _check_single_arch(data)
+    from sane_hf.zoo.loading import check_single_architecture
+
+    check_single_architecture(data, "SANE trains on one architecture per tokenizer")
     splits = datasets.DatasetDict({s: data[s] for s in needed})
 
     if "tokens" in splits["train"].column_names:  # already tokenized

@@ -151,15 +151,17 @@ def zoo_model(config: ZooConfig, row: Mapping[str, Any]) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_single_arch(zoo: DatasetDict | Dataset) -> None:
-    splits = zoo.values() if isinstance(zoo, DatasetDict) else [zoo]
-    archs = set()
+def check_single_architecture(zoo: Mapping[str, Any] | Dataset,
+                              why: str = "a WeightTokenizer covers one architecture") -> None:
+    """Raise a ValueError naming the architectures when the zoo (splits or one split) mixes several."""
+    splits = [zoo] if isinstance(zoo, Dataset) else list(zoo.values())
+    archs: set[str] = set()
     for split in splits:
         if "arch" in split.column_names and len(split):
             archs.update(split.unique("arch"))
     if len(archs) > 1:
         raise ValueError(
-            f"the zoo mixes architectures {sorted(archs)}; a WeightTokenizer covers one architecture: "
+            f"the zoo mixes architectures {sorted(archs)}; {why}: "
             "filter the zoo first (zoo.filter(lambda r: r['arch'] == ...))"
         )
 
@@ -178,7 +180,7 @@ def fit_tokenizer_on_zoo(
     """
     from sane_hf.tokenization_sane import WeightTokenizer
 
-    _check_single_arch(zoo)
+    check_single_architecture(zoo)
     data = zoo[split] if isinstance(zoo, DatasetDict) else zoo
     if len(data) == 0:
         raise ValueError(f"split {split!r} is empty: nothing to fit the tokenizer on")
@@ -205,7 +207,7 @@ def tokenize_zoo(
     fitted tokenizer (:func:`fit_tokenizer_on_zoo` or ``tokenizer.fit``). With
     ``keep_weights=False`` the ``weights`` column is dropped.
     """
-    _check_single_arch(zoo)
+    check_single_architecture(zoo)
     if normalize and not tokenizer.is_fitted:
         raise ValueError(
             "tokenize_zoo(normalize=True) needs a fitted tokenizer: call fit_tokenizer_on_zoo(zoo, ...) "

@@ -422,3 +422,19 @@ def test_multi_process_build_equals_single_process(tiny_zoo, tmp_path, cache_dir
     zoo = load_zoo(out, cache_dir=cache_dir)
     for split in SPLITS:
         assert zoo[split].to_list() == reference[split].to_list()
+
+
+def test_check_single_architecture_names_the_mixed_architectures():
+    import datasets
+
+    from sane_hf.zoo.loading import check_single_architecture
+
+    one = datasets.Dataset.from_dict({"arch": ["cnn-s", "cnn-s"], "model_id": [0, 1]})
+    other = datasets.Dataset.from_dict({"arch": ["mlp"], "model_id": [2]})
+    check_single_architecture(one)  # one split, one architecture
+    check_single_architecture(datasets.DatasetDict({"train": one, "test": one}))
+    check_single_architecture(datasets.DatasetDict({"train": one, "test": other.select([])}))  # empty split: ignored
+    with pytest.raises(ValueError, match=r"mixes architectures \['cnn-s', 'mlp'\]; a WeightTokenizer covers one"):
+        check_single_architecture(datasets.DatasetDict({"train": one, "test": other}))
+    with pytest.raises(ValueError, match="SANE trains on one architecture per tokenizer: filter the zoo first"):
+        check_single_architecture({"train": one, "validation": other}, "SANE trains on one architecture per tokenizer")
