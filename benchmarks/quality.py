@@ -126,11 +126,13 @@ def _profile_cpu() -> tuple[list[ZooSpec], list[AblationSpec]]:
     ]
     base = _digits_train(abl_steps)
     ablations = [
-        AblationSpec("abl-reference", "digits-cnn-s", "reference: window 32, token 64, permutation on", base,
+        AblationSpec("abl-reference", "digits-cnn-s",
+                     "reference: the small preset (a whole-model window of 54 tokens, token 64, permutation on)", base,
                      abl_sample),
-        AblationSpec("abl-window16", "digits-cnn-s", "window 16", base + ["--window-size", "16"], abl_sample),
-        AblationSpec("abl-window54", "digits-cnn-s", "window 54 (the whole model: 54 tokens)",
-                     base + ["--window-size", "54"], abl_sample),
+        AblationSpec("abl-window16", "digits-cnn-s", "windows of 16 tokens with halos of 4",
+                     base + ["--window-size", "16", "--halo-size", "4"], abl_sample),
+        AblationSpec("abl-window32", "digits-cnn-s", "windows of 32 tokens with halos of 8 (the preset's halo)",
+                     base + ["--window-size", "32"], abl_sample),
         AblationSpec("abl-token32", "digits-cnn-s", "token size 32", base + ["--token-size", "32"], abl_sample),
         AblationSpec("abl-token128", "digits-cnn-s", "token size 128", base + ["--token-size", "128"],
                      abl_sample),
@@ -155,8 +157,8 @@ def _profile_small() -> tuple[list[ZooSpec], list[AblationSpec]]:
     ]
     ablations = [
         AblationSpec("abl-reference", "digits-cnn-s", "reference", _digits_train(20), ["--num-samples", "2"]),
-        AblationSpec("abl-window16", "digits-cnn-s", "window 16", _digits_train(20) + ["--window-size", "16"],
-                     ["--num-samples", "2"]),
+        AblationSpec("abl-window16", "digits-cnn-s", "windows of 16 tokens with halos of 4",
+                     _digits_train(20) + ["--window-size", "16", "--halo-size", "4"], ["--num-samples", "2"]),
     ]
     return zoos, ablations
 
