@@ -44,10 +44,10 @@ def test_config_rejects_unknown_values():
 
 def test_prompt_selection_relaxes_the_activation_filter_and_says_why():
     split = Dataset.from_dict({
-        "model_id": [0, 1, 2, 3, 4, 5], "epoch": [2, 2, 2, 2, 2, 1], "test_acc": [0.9, 0.8, 0.7, 0.6, 0.5, 0.95],
+        "model_id": [0, 1, 2, 3, 4, 5], "epoch": [2, 2, 2, 2, 2, 1], "test_acc": [0.9, 0.8, 0.7, 0.6, 0.3, 0.95],
         "activation": ["tanh", "relu", "relu", "relu", "tanh", "tanh"],
     })  # fmt: skip
-    # the best model (0) is tanh, but only 2 tanh models have epoch 2: relu gives the 3 asked
+    # the best model (0) is tanh, but only 2 tanh models have epoch 2 (sum 1.2): relu's 3 sum to 2.1
     sel = choose_prompts(split, num_prompts=3, epoch=None)
     assert [r["model_id"] for r in sel.rows] == [1, 2, 3] and sel.activation == "relu" and sel.epoch == 2
     assert sel.removed == {"epoch": [5], "activation": [0, 4]}
@@ -61,6 +61,28 @@ def test_prompt_selection_relaxes_the_activation_filter_and_says_why():
     # your own architecture: the activation column does not filter
     sel = choose_prompts(split, num_prompts=3, epoch=None, uses_activation=False)
     assert [r["model_id"] for r in sel.rows] == [0, 1, 2] and sel.activation == "any"
+
+
+def test_prompt_relaxation_prefers_the_activation_whose_models_trained():
+    # the digits zoo's test split at epoch 10: ten sigmoid models that mostly never trained,
+    # nine tanh models (six trained), a lone gelu model that is best of all
+    accs = {"sigmoid": [0.48, 0.11] + [0.075] * 8, "tanh": [0.956, 0.95, 0.94, 0.92, 0.91, 0.78] + [0.075] * 3,
+            "gelu": [0.97]}  # fmt: skip
+    rows = [(a, x) for a, xs in accs.items() for x in xs]
+    split = Dataset.from_dict({
+        "model_id": list(range(len(rows))), "epoch": [10] * len(rows), "test_acc": [x for _, x in rows],
+        "activation": [a for a, _ in rows],
+    })  # fmt: skip
+    sel = choose_prompts(split, num_prompts=10, epoch=None)
+    # gelu has the best model but only one; tanh's 9 sum to 5.681, sigmoid's 10 to 1.19, gelu's to 0.97
+    assert sel.activation == "tanh" and len(sel.rows) == 9
+    assert [r["test_acc"] for r in sel.rows][:2] == [0.956, 0.95]
+    assert "took 'tanh' (9 models, the largest summed test accuracy of its top 9)" in sel.notes[0]
+    # asked for 2: tanh's top two (1.906) beat the lone gelu model (0.97) and sigmoid's two (0.59)
+    sel = choose_prompts(split, num_prompts=2, epoch=None)
+    assert sel.activation == "tanh" and [r["model_id"] for r in sel.rows] == [10, 11]
+    # asked for 1: the best model's activation has enough
+    assert choose_prompts(split, num_prompts=1, epoch=None).activation == "gelu"
 
 
 def test_noise_has_exactly_the_asked_norm_on_the_asked_keys(cnn):

@@ -65,14 +65,30 @@ class PromptSelection:
         return "; ".join(parts + self.notes)
 
 
+def _best_activation(at: list[int], acts: list[str], acc: list[float], counts: dict[str, int], want: int) -> str:
+    """The activation whose best ``min(n, want)`` models have the largest summed test accuracy.
+
+    More prompts count, but only as much as they are good; ties go to the activation of the better
+    model. ``at`` is sorted best first. Taking the activation with the *most* models instead picks
+    a family that never trained when it is the most common one (on the digits zoo: ten sigmoid
+    models, nine at chance, over nine tanh models, six of them at 0.78-0.96).
+    """
+    rank = {a: min(r for r, i in enumerate(at) if acts[i] == a) for a in counts}
+
+    def top_sum(a: str) -> float:
+        return sum([acc[i] for i in at if acts[i] == a][:want])
+
+    return max(counts, key=lambda a: (top_sum(a), -rank[a]))
+
+
 def choose_prompts(
     split: Any, *, num_prompts: int | None, epoch: int | None, activation: str = "auto", uses_activation: bool = True
 ) -> PromptSelection:
     """The best ``num_prompts`` rows of ``split`` at ``epoch`` with one activation, best first, explained.
 
     ``epoch=None`` takes the split's last epoch. ``activation="auto"`` takes the best model's
-    activation when enough test models share it, else the activation shared by the most models
-    (a state_dict is only meaningful with its activation, so prompts never mix them); a named
+    activation when enough test models share it, else the activation whose best ``num_prompts``
+    models have the largest summed test accuracy (a state_dict is only meaningful with its activation, so prompts never mix them); a named
     activation is kept as asked. With ``uses_activation=False`` (your own architecture, built
     the same whatever the column says) there is no activation filter. Every model a filter
     removed is listed in :attr:`PromptSelection.removed`.
@@ -100,13 +116,13 @@ def choose_prompts(
         if activation == "auto":
             best = acts[at[0]]
             activation = best
-            if counts[best] < want:  # relax: the activation that gives the most prompts (ties: the best model's)
-                rank = {a: min(r for r, i in enumerate(at) if acts[i] == a) for a in counts}
-                activation = max(counts, key=lambda a: (min(counts[a], want), -rank[a]))
+            if counts[best] < want:
+                activation = _best_activation(at, acts, acc, counts, want)
                 if activation != best:
                     notes.append(
                         f"the best model's activation {best!r} has {counts[best]} test model(s) at epoch {epoch}, "
-                        f"fewer than the {want} asked; took {activation!r} ({counts[activation]} models)"
+                        f"fewer than the {want} asked; took {activation!r} ({counts[activation]} models, the largest "
+                        f"summed test accuracy of its top {min(counts[activation], want)})"
                     )
         chosen = [i for i in at if acts[i] == activation]
         if not chosen:
