@@ -39,6 +39,9 @@ __all__ = [
     "transfer_verdict",
     "degenerate_baselines",
     "degenerate_groups",
+    "weak_prompts_warning",
+    "sampling_warnings",
+    "WEAK_PROMPT_MARGIN",
     "overall_verdict",
     "join_lines",
     "readable_note",
@@ -261,6 +264,38 @@ def degenerate_baselines(sampling: Mapping[str, Any]) -> list[str]:
     return list(degenerate_groups(sampling).values())
 
 
+#: Prompts less than this far above random init at epoch 0 did not learn the task (the protocol's
+#: "well above random init" margin).
+WEAK_PROMPT_MARGIN = 0.10
+
+
+def weak_prompts_warning(sampling: Mapping[str, Any], *, digits: int = 2) -> str | None:
+    """A warning when the prompt models are within :data:`WEAK_PROMPT_MARGIN` of random init at epoch 0.
+
+    Every group is drawn around (or is) the prompts, so when they never learned the task (e.g. an
+    activation whose models stayed at chance) the comparisons are between untrained models.
+    """
+    accuracy = (sampling or {}).get("accuracy") or {}
+    prompts = _number(((accuracy.get("prompts") or {}).get("0") or {}).get("mean"))
+    random = _number(((accuracy.get("random_init") or {}).get("0") or {}).get("mean"))
+    if prompts is None or random is None or prompts - random >= WEAK_PROMPT_MARGIN:
+        return None
+    activation = (sampling or {}).get("activation")
+    which = f"; activation {activation!r}" if isinstance(activation, str) and activation != "any" else ""
+    return (
+        f"the {group_name('prompts')} are barely better than random init at epoch 0 (test accuracy "
+        f"{_show(prompts, digits)} vs {_show(random, digits)}{which}): every group starts from models that did not "
+        "learn the task, so these comparisons say little. Choose other prompts with --activation, --prompt-epoch "
+        "or --num-prompts."
+    )
+
+
+def sampling_warnings(sampling: Mapping[str, Any]) -> list[str]:
+    """Warning sentences about the sampling evaluation itself: weak prompts, degenerate baselines."""
+    weak = weak_prompts_warning(sampling)
+    return ([weak] if weak else []) + degenerate_baselines(sampling)
+
+
 def _novelty_verdict(novelty: Mapping[str, Any], digits: int) -> str | None:
     """Distance to the nearest zoo checkpoint: samples vs noise at equal accuracy (or at matched distance)."""
     sampled = _number((novelty.get("sampled") or {}).get("nearest_distance"))
@@ -314,8 +349,8 @@ def sampling_verdicts(sampling: Mapping[str, Any], *, digits: int = 2) -> list[s
     """The sampling claims of ``samples/metrics.json`` (``sane-hf sample --evaluate``) in words.
 
     Lines: the gain over random init per epoch; samples vs each prompts + noise baseline at
-    epoch 0 (skipping a degenerate one); distance to the zoo vs noise; transfer; and a warning per
-    degenerate baseline (:func:`degenerate_baselines`).
+    epoch 0 (skipping a degenerate one); distance to the zoo vs noise; transfer; and the warnings of
+    :func:`sampling_warnings` (weak prompts, each degenerate baseline).
     """
     accuracy = (sampling or {}).get("accuracy") or {}
     out: list[str] = []
@@ -340,7 +375,7 @@ def sampling_verdicts(sampling: Mapping[str, Any], *, digits: int = 2) -> list[s
     line = transfer_verdict(sampling.get("transfer"), digits=digits)
     if line:
         out.append(line)
-    out += [f"WARNING: {w}" for w in degenerate_baselines(sampling)]
+    out += [f"WARNING: {w}" for w in sampling_warnings(sampling)]
     return out
 
 

@@ -14,7 +14,9 @@ from sane_hf.verdicts import (
     probe_verdict,
     probe_verdicts,
     sampling_verdicts,
+    sampling_warnings,
     transfer_verdict,
+    weak_prompts_warning,
 )
 
 
@@ -91,6 +93,25 @@ def test_degenerate_baseline_is_flagged_and_not_compared():
     # the distance claim falls back to the matched-distance noise
     assert any("than prompts + noise (matched distance)" in line for line in lines)
     assert degenerate_baselines(_sampling((0.9, 0.9), (0.4, 0.7), (0.8, 0.85))) == []
+
+
+def test_weak_prompts_are_flagged_from_the_numbers():
+    # the digits zoo with ten sigmoid prompts, nine at chance: prompts 0.119, random init 0.100
+    sampling = _sampling((0.147, 0.126), (0.15, 0.128), (0.126, 0.126))
+    sampling["activation"] = "sigmoid"
+    sampling["accuracy"]["prompts"] = {"0": _summary(0.119), "1": _summary(0.13)}
+    warning = weak_prompts_warning(sampling)
+    assert warning == (
+        "the prompt models are barely better than random init at epoch 0 (test accuracy 0.12 vs 0.10; activation "
+        "'sigmoid'): every group starts from models that did not learn the task, so these comparisons say little. "
+        "Choose other prompts with --activation, --prompt-epoch or --num-prompts."
+    )
+    assert sampling_verdicts(sampling)[-1] == f"WARNING: {warning}" and sampling_warnings(sampling) == [warning]
+    # 0.10 above random init is enough (the protocol's "well above random init"); no prompts, no claim
+    sampling["accuracy"]["prompts"]["0"] = _summary(0.2)
+    assert weak_prompts_warning(sampling) is None
+    del sampling["accuracy"]["prompts"]
+    assert weak_prompts_warning(sampling) is None and sampling_warnings(sampling) == []
 
 
 def test_transfer_verdict_says_when_it_is_the_fallback():

@@ -45,7 +45,6 @@ from sane_hf.reports import markdown_table
 from sane_hf.serialization import flatten_json, read_json
 from sane_hf.verdicts import METHOD_NAMES as _METHOD_NAMES  # one set of names for every output
 from sane_hf.verdicts import (
-    degenerate_baselines,
     degenerate_groups,
     group_name,
     method_name,
@@ -54,6 +53,7 @@ from sane_hf.verdicts import (
     property_name,
     readable_note,
     sampling_verdicts,
+    sampling_warnings,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,7 +234,7 @@ def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
             markdown_table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
                    rows),
         ]
-    text += ["", *[f"> **Warning:** {w}" for w in degenerate_baselines(m)]] if degenerate_baselines(m) else []
+    text += ["", *[f"> **Warning:** {w}" for w in sampling_warnings(m)]] if sampling_warnings(m) else []
     transfer = m.get("transfer")
     if isinstance(transfer, Mapping) and isinstance(transfer.get("accuracy"), Mapping):
         fallback = (" — **fallback stand-in: the zoo's own task with permuted labels**, not a new task"

