@@ -234,7 +234,8 @@ def _sampling_evaluation(m: Mapping[str, Any]) -> list[str]:
             markdown_table(("models", "distance to nearest zoo checkpoint", "agreement with it", "distance to nearest prompt"),
                    rows),
         ]
-    text += ["", *[f"> **Warning:** {w}" for w in sampling_warnings(m)]] if sampling_warnings(m) else []
+    warnings = sampling_warnings(m)
+    text += ["", *[f"> **Warning:** {w}" for w in warnings]] if warnings else []
     transfer = m.get("transfer")
     if isinstance(transfer, Mapping) and isinstance(transfer.get("accuracy"), Mapping):
         fallback = (" — **fallback stand-in: the zoo's own task with permuted labels**, not a new task"

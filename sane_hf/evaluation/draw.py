@@ -88,10 +88,11 @@ def choose_prompts(
 
     ``epoch=None`` takes the split's last epoch. ``activation="auto"`` takes the best model's
     activation when enough test models share it, else the activation whose best ``num_prompts``
-    models have the largest summed test accuracy (a state_dict is only meaningful with its activation, so prompts never mix them); a named
-    activation is kept as asked. With ``uses_activation=False`` (your own architecture, built
-    the same whatever the column says) there is no activation filter. Every model a filter
-    removed is listed in :attr:`PromptSelection.removed`.
+    models have the largest summed test accuracy (a state_dict is only meaningful with its
+    activation, so prompts never mix them); a named activation is kept as asked. With
+    ``uses_activation=False`` (your own architecture, built the same whatever the column says)
+    there is no activation filter. Every model a filter removed is listed in
+    :attr:`PromptSelection.removed`.
     """
     if len(split) == 0:
         raise ValueError("the zoo's test split is empty: no prompt models (import with a larger test fraction)")
