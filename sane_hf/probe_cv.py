@@ -30,6 +30,7 @@ from sane_hf.probing import (
     ProbeResults,
     ZooProbeReport,
     layer_statistics,
+    methods_to_probe,
     probe_properties,
     raw_weights,
 )
@@ -127,6 +128,7 @@ def cross_validate_zoo_probes(
     groups = model_folds(ids, folds, seed)
 
     notes: list[str] = []
+    wanted, methods = tuple(methods), methods_to_probe(methods)
     features: dict[str, np.ndarray] = {}
     raw_ok = "raw" in methods and tokenizer.num_params <= raw_max_params
     if "raw" in methods and not raw_ok:
@@ -148,18 +150,29 @@ def cross_validate_zoo_probes(
     def take(values: Any, index: np.ndarray) -> Any:
         return [values[i] for i in index]
 
-    per_fold: dict[str, dict[str, list[float | None]]] = {t: {m: [] for m in features} for t in targets}
-    pooled: dict[str, dict[str, list[ProbeResult]]] = {m: {t: [] for t in targets} for m in features}
+    probed = [m for m in methods if m in features or m == "sane+stats"]
+    per_fold: dict[str, dict[str, list[float | None]]] = {t: {m: [] for m in probed} for t in targets}
+    pooled: dict[str, dict[str, list[ProbeResult]]] = {m: {t: [] for t in targets} for m in probed}
     for k in range(folds):
         test = np.flatnonzero(row_fold == k)
         val = np.flatnonzero(row_fold == (k + 1) % folds)
         train = np.flatnonzero((row_fold != k) & (row_fold != (k + 1) % folds))
         split_props = [{c: take(properties[c], index) for c in targets} for index in (train, val, test)]
-        for method, x in features.items():
-            results = probe_properties(
-                (x[train], split_props[0]), (x[val], split_props[1]), (x[test], split_props[2]), targets,
-                categorical=categorical, refit=refit, num_threads=num_threads,
-            )  # fmt: skip
+        fold_results: dict[str, ProbeResults] = {}
+        for method in probed:
+            if method == "sane+stats":
+                from sane_hf.probe_blend import blend_probe_results
+
+                results = blend_probe_results(fold_results["sane"], fold_results["layer_stats"])
+            else:
+                x = features[method]
+                results = probe_properties(
+                    (x[train], split_props[0]), (x[val], split_props[1]), (x[test], split_props[2]), targets,
+                    categorical=categorical, refit=refit, num_threads=num_threads,
+                )  # fmt: skip
+            fold_results[method] = results
+            if method not in wanted:
+                continue
             for target, result in results.items():
                 per_fold[target][method].append(_score(metric, result))
                 pooled[method][target].append(result)
@@ -169,6 +182,7 @@ def cross_validate_zoo_probes(
     metrics: dict[str, dict[str, float | None]] = {}
     std: dict[str, dict[str, float | None]] = {}
     metric_names: dict[str, str] = {}
+    methods = wanted
     for target in targets:
         metrics[target], std[target] = {}, {}
         for method in methods:
@@ -181,6 +195,8 @@ def cross_validate_zoo_probes(
     # out-of-fold predictions, one ProbeResult per method and target (for the predicted-vs-true plot)
     results: dict[str, ProbeResults] = {}
     for method, by_target in pooled.items():
+        if method not in wanted:
+            continue
         results[method] = ProbeResults()
         for target, fold_results in by_target.items():
             scored = [r for r in fold_results if not r.skipped and r.predictions is not None]

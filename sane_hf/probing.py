@@ -79,6 +79,7 @@ __all__ = [
     "layer_statistics_names",
     "raw_weights",
     "check_model_splits",
+    "methods_to_probe",
     "evaluate_zoo_probes",
 ]
 
@@ -90,8 +91,10 @@ CATEGORICAL_TARGETS = ("activation", "optimizer", "init", "arch", "task")
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 4, 17))
 #: LogisticRegression inverse penalties tried (decades from 1e-4 to 1e4).
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 9))
-#: Feature sets compared by :func:`evaluate_zoo_probes`, in report order.
-METHODS = ("sane", "layer_stats", "raw")
+#: Feature sets compared by :func:`evaluate_zoo_probes`, in report order. ``"sane+stats"`` is not a
+#: feature set of its own: the SANE and layer-statistics probes blended on validation
+#: (:mod:`sane_hf.probe_blend`), which says whether SANE adds anything to the statistics.
+METHODS = ("sane", "layer_stats", "raw", "sane+stats")
 _SPLITS = ("train", "validation", "test")
 _MISSING_LABELS = (None, "unknown", "")
 
@@ -135,6 +138,9 @@ class ProbeResult:
         n_features: feature dimension.
         classes: the classes seen in train (classification).
         note: why the target was skipped, or what was dropped.
+        blend_inputs: the validation outputs :func:`~sane_hf.probe_blend.blend_probe` needs
+            (``val_true`` and ``val_predictions``, or class probabilities with their class
+            orders); not serialised.
     """
 
     target: str
@@ -152,6 +158,7 @@ class ProbeResult:
     n_features: int = 0
     classes: list[Any] | None = None
     note: str | None = None
+    blend_inputs: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def skipped(self) -> bool:
@@ -346,7 +353,9 @@ def _probe_regression(result: ProbeResult, data, alphas: Sequence[float], refit:
     assert best is not None
     alpha = best[1]
     chosen = _ridge(alpha).fit(x_tr, y_tr)
-    result.val_value = _r2(y_va, chosen.predict(x_va))
+    val_pred = chosen.predict(x_va)
+    result.val_value = _r2(y_va, val_pred)
+    result.blend_inputs = {"val_true": y_va, "val_predictions": val_pred}
     if refit == "train+val":
         chosen = _ridge(alpha).fit(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]))
     pred = chosen.predict(x_te)
@@ -381,9 +390,11 @@ def _probe_classification(result: ProbeResult, data, cs: Sequence[float], refit:
         c = best[2]
         chosen = _logistic(c, max_iter).fit(x_tr, y_tr)
         result.val_value = float((chosen.predict(x_va) == y_va).mean())
+        inputs = {"val_true": y_va, "val_proba": chosen.predict_proba(x_va), "val_classes": chosen.classes_.tolist()}
         if refit == "train+val":
             chosen = _logistic(c, max_iter).fit(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]))
         pred = chosen.predict(x_te)
+        result.blend_inputs = {**inputs, "test_proba": chosen.predict_proba(x_te), "test_classes": chosen.classes_.tolist()}
     result.alpha, result.penalty_name, result.predictions, result.true = c, "C", pred, y_te
     result.value = float((pred == y_te).mean())
 
@@ -554,6 +565,14 @@ def check_model_splits(zoo: Mapping[str, Any], min_models: int = 3) -> dict[str,
     return {name: len(s) for name, s in ids.items()}
 
 
+def methods_to_probe(methods: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` plus the probes ``"sane+stats"`` is blended from, each before it (report order kept)."""
+    out = [m for m in methods if m != "sane+stats"]
+    if "sane+stats" in methods:
+        out += [m for m in ("sane", "layer_stats") if m not in out] + ["sane+stats"]
+    return tuple(out)
+
+
 def evaluate_zoo_probes(
     model: Any,
     tokenizer: WeightTokenizer,
@@ -587,7 +606,9 @@ def evaluate_zoo_probes(
         zoo: a ``DatasetDict`` with ``train``/``validation``/``test`` splits of raw zoo rows
             (``load_zoo(path)``), split by model.
         targets: properties to probe (must be zoo columns).
-        methods: feature sets among ``("sane", "layer_stats", "raw")``.
+        methods: feature sets among :data:`METHODS`: ``"sane"``, ``"layer_stats"``, ``"raw"``, and
+            ``"sane+stats"`` (the two first blended on validation, :mod:`sane_hf.probe_blend`;
+            both are computed for it even when not asked for, and reported only when asked).
         window, halo, batch_size, pooling, normalize: passed to ``embed_models``; ``pooling=None`` is
             :data:`~sane_hf.embedding.DEFAULT_POOLING` (per-layer mean and std of token latents), the
             readout every command uses.
@@ -625,7 +646,9 @@ def evaluate_zoo_probes(
             raise ValueError(f"the zoo's {name} split has no 'weights' column: pass a raw zoo (load_zoo(path))")
 
     notes: list[str] = []
-    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    wanted = methods
+    methods = methods_to_probe(methods)
+    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods if m != "sane+stats"}
     properties: dict[str, dict[str, list[Any]]] = {}
     embeddings: dict[str, np.ndarray] = {}
     raw_ok = "raw" in methods and tokenizer.num_params <= raw_max_params
@@ -651,15 +674,23 @@ def evaluate_zoo_probes(
     for method in methods:
         if method == "raw" and not raw_ok:
             continue
-        f = features[method]
-        results[method] = probe_properties(
-            (f["train"], properties["train"]), (f["validation"], properties["validation"]),
-            (f["test"], properties["test"]), targets, categorical=categorical, alphas=alphas, Cs=Cs, refit=refit,
-            num_threads=num_threads,
-        )
-        for target, result in results[method].items():
-            if result.note:
-                notes.append(f"{method}/{target}: {result.note}")
+        if method == "sane+stats":
+            from sane_hf.probe_blend import blend_probe_results
+
+            results[method] = blend_probe_results(results["sane"], results["layer_stats"])
+        else:
+            f = features[method]
+            results[method] = probe_properties(
+                (f["train"], properties["train"]), (f["validation"], properties["validation"]),
+                (f["test"], properties["test"]), targets, categorical=categorical, alphas=alphas, Cs=Cs,
+                refit=refit, num_threads=num_threads,
+            )
+        if method in wanted:
+            for target, result in results[method].items():
+                if result.note:
+                    notes.append(f"{method}/{target}: {result.note}")
+    methods = tuple(wanted)
+    results = {m: r for m, r in results.items() if m in methods}
 
     metric_names: dict[str, str] = {}
     metrics: dict[str, dict[str, float | None]] = {}
@@ -671,7 +702,7 @@ def evaluate_zoo_probes(
             if result is not None:
                 metric_names[target] = result.metric
         metrics[target] = row
-    win, hal = resolve_window(model.config, window, halo) if "sane" in methods else (window, halo)
+    win, hal = resolve_window(model.config, window, halo) if "sane" in features else (window, halo)
     info = {
         "refit": refit,
         "pooling": pooling,

@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 #: Feature sets of the property probes (keys of ``probe.metrics.<property>``).
-METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights"}
+METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights",
+                "sane+stats": "SANE + layer statistics"}
 #: Model groups of the sampling evaluation (keys of ``sampling.accuracy``).
 GROUP_NAMES = {
     "sampled": "SANE samples",
@@ -148,7 +149,14 @@ def probe_verdict(prop: str, row: Mapping[str, Any], metric: str = "r2", *, digi
     raw = _number(row.get("raw"))
     if raw is not None:
         text += f"; {method_name('raw')} {_show(raw, digits)}"
-    return text + ")."
+    text += ")."
+    both = _number(row.get("sane+stats"))
+    if both is not None:
+        adds = _order(both, stats, digits) > 0
+        text += (f" Blended with {method_name('layer_stats')} on validation, SANE "
+                 f"{'adds to them' if adds else 'adds nothing to them'} ({shown} {_show(both, digits)} vs "
+                 f"{_show(stats, digits)}).")
+    return text
 
 
 def probe_verdicts(

@@ -74,10 +74,11 @@ def test_probe_cli_kfold_on_a_ten_model_zoo(zoo_and_model, tmp_path, capsys):
     payload = json.loads((out / "metrics.json").read_text())
     cv = payload["cv"]
     assert cv["folds"] == 5 and cv["models_per_fold"] == [2, 2, 2, 2, 2]
-    for method in ("sane", "layer_stats", "raw"):
+    for method in ("sane", "layer_stats", "raw", "sane+stats"):
         folds = [v for v in cv["per_fold"]["test_acc"][method] if v is not None]
         assert len(folds) == 5
         assert payload["metrics"]["test_acc"][method] == pytest.approx(sum(folds) / 5)
+    assert payload["details"]["sane+stats"]["test_acc"]["n_test"] == 30  # out-of-fold: each of 10 x 3 checkpoints once
     assert (out / "pred_vs_true_test_acc.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="fewer than the 20 folds"):
         main([*base, "--out", str(tmp_path / "x"), "--split-by", "model", "--folds", "20"])

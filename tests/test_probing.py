@@ -198,10 +198,16 @@ def test_evaluate_zoo_probes(zoo_and_model):
     assert isinstance(report, ZooProbeReport)
     assert set(report) == {"test_acc", "epoch", "ggap", "activation", "optimizer"}
     for row in report.values():
-        assert set(row) == {"sane", "layer_stats", "raw"}
+        assert set(row) == {"sane", "layer_stats", "raw", "sane+stats"}
     assert report.metric_names["test_acc"] == "r2" and report.metric_names["activation"] == "accuracy"
-    for method in ("sane", "layer_stats", "raw"):
+    for method in ("sane", "layer_stats", "raw", "sane+stats"):
         assert math.isfinite(report["test_acc"][method])
+    # the blend is w * SANE + (1 - w) * statistics with the w chosen on validation, applied to test
+    blend, sane, stats = (report.results[m]["test_acc"] for m in ("sane+stats", "sane", "layer_stats"))
+    w = blend.alpha
+    assert 0.0 <= w <= 1.0 and blend.penalty_name == "sane_weight"
+    np.testing.assert_allclose(blend.predictions, w * sane.predictions + (1 - w) * stats.predictions)
+    assert report["optimizer"]["sane+stats"] is None  # skipped with its parts
     assert report["optimizer"]["sane"] is None and any("optimizer" in n and "one class" in n for n in report.notes)
     assert report["test_acc"]["layer_stats"] > 0.5  # |w| statistics predict a function of |w|
     num_layers = tok.num_layers  # the default readout: per-layer mean and std of the 4-d token latents
@@ -212,6 +218,10 @@ def test_evaluate_zoo_probes(zoo_and_model):
     assert "property" in report.table() and "layer_stats" in report.table()
     small = evaluate_zoo_probes(model, tok, zoo, ["test_acc"], methods=["sane", "raw"], raw_max_params=10)
     assert small["test_acc"]["raw"] is None and any("raw: skipped" in n for n in small.notes)
+    # asked alone, the blend computes its two parts but reports only itself, with the same number
+    alone = evaluate_zoo_probes(model, tok, zoo, ["test_acc"], methods=["sane+stats"])
+    assert set(alone["test_acc"]) == {"sane+stats"} and set(alone.results) == {"sane+stats"}
+    assert alone["test_acc"]["sane+stats"] == pytest.approx(report["test_acc"]["sane+stats"])
 
 
 def test_zoo_split_errors(zoo_and_model):

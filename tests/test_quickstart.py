@@ -121,7 +121,8 @@ def test_fast_run_report_holds_the_tables(fast_run):
         assert row in report, row
     row = next(line for line in report.splitlines() if line.startswith("| test accuracy (`test_acc`) | R² |"))
     values = [float(c) for c in row.strip("|").split("|")[2:]]
-    assert len(values) == 3 and all(math.isfinite(v) for v in values)
+    assert len(values) == 4 and all(math.isfinite(v) for v in values)  # SANE, statistics, raw, SANE + statistics
+    assert "Blended with layer statistics on validation, SANE adds" in report
     assert "| nan" not in report
     card = (out / "model" / "README.md").read_text()
     assert "probe_metrics.json" not in card.split("Not measured")[-1] or "Not measured" not in card

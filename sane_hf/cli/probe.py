@@ -35,7 +35,7 @@ HELP = "predict model properties from SANE embeddings (linear probes vs baseline
 # The library's choices, spelled here so that `--help` imports no torch: sane_hf.probing.DEFAULT_TARGETS and
 # METHODS, sane_hf.embedding.POOLINGS and DEFAULT_POOLING (tests/test_cli_flags.py checks that they are equal).
 DEFAULT_TARGETS = ("test_acc", "epoch", "ggap", "activation", "optimizer", "init")
-METHODS = ("sane", "layer_stats", "raw")
+METHODS = ("sane", "layer_stats", "raw", "sane+stats")
 POOLINGS = ("layer", "mean", "max", "flatten", "none")
 DEFAULT_POOLING = "layer"
 
