@@ -84,7 +84,7 @@ def cross_validate_zoo_probes(
     window: int | None = None,
     halo: int | None = None,
     batch_size: int = 32,
-    pooling: str = "mean",
+    pooling: str | None = None,
     normalize: bool = True,
     raw_max_params: int = 50_000,
     refit: str = "train",
@@ -106,8 +106,10 @@ def cross_validate_zoo_probes(
     """
     from datasets import concatenate_datasets
 
-    from sane_hf.embedding import embed_models
+    from sane_hf.embedding import DEFAULT_POOLING, embed_models
     from sane_hf.metrics import load_metric
+
+    pooling = DEFAULT_POOLING if pooling is None else pooling  # the readout every command uses
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
