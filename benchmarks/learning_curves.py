@@ -61,6 +61,9 @@ ZOOS: dict[str, list[str]] = {
     # the 200-model digits zoo of benchmarks/quality.py (SGD and Adam grid)
     "digits-200": [*_BUILD, "--task", "digits", "--arch", "cnn-s", "--num-models", "200", "--epochs", "10",
                    "--checkpoint-epochs", "0", "1", "2", "3", "5", "7", "10", "--seed", "0", "--num-workers", "2"],
+    # the same grid with 4x the models: does SANE's gap to layer statistics shrink with zoo size?
+    "digits-800": [*_BUILD, "--task", "digits", "--arch", "cnn-s", "--num-models", "800", "--epochs", "10",
+                   "--checkpoint-epochs", "0", "1", "2", "3", "5", "7", "10", "--seed", "0", "--num-workers", "2"],
     # confirmation zoos, never used to choose the recipe:
     # Fashion-MNIST at 14x14 (benchmarks/quality.py's fashion-cnn-s zoo)
     "fashion": [*_BUILD, "--task", "fashion-mnist", "--arch", "cnn-s", "--image-size", "14", "--train-subset", "5000",
@@ -138,6 +141,8 @@ def rows() -> list[Row]:
     out = [Row("quickstart", "recipe", s, 1000, curve) for s in (0, 1, 2)]
     out += [Row("digits-200", "recipe", s, 1000, curve) for s in (0, 1, 2)]
     out += [Row("digits-200", "recipe-3000", 0, 3000, (1000, 2000, 3000))]
+    out += [Row("digits-800", "recipe", s, 1000, curve) for s in (0, 1, 2)]
+    out += [Row("digits-800", "recipe-3000", 0, 3000, (1000, 2000, 3000))]
     out += [Row("foreign", "recipe", s, 1000, curve) for s in (0, 1, 2)]
     out += [Row(z, "recipe", 0, 1000, curve) for z in ("fashion", "resnet-w4")]
     out += [Row("quickstart", "old-defaults", 0, 1000, curve)]
