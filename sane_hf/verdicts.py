@@ -152,10 +152,10 @@ def probe_verdict(prop: str, row: Mapping[str, Any], metric: str = "r2", *, digi
     text += ")."
     both = _number(row.get("sane+stats"))
     if both is not None:
-        adds = _order(both, stats, digits) > 0
-        text += (f" Blended with {method_name('layer_stats')} on validation, SANE "
-                 f"{'adds to them' if adds else 'adds nothing to them'} ({shown} {_show(both, digits)} vs "
-                 f"{_show(stats, digits)}).")
+        what = {1: "SANE adds to them", 0: "SANE adds nothing to them",
+                -1: "the blend falls below them (the SANE weight chosen on validation did not hold on test)"}
+        text += (f" Blended with {method_name('layer_stats')} on validation, {what[_order(both, stats, digits)]} "
+                 f"({shown} {_show(both, digits)} vs {_show(stats, digits)}).")
     return text
 
 

@@ -51,6 +51,17 @@ def test_probe_verdict_follows_the_numbers(sane, stats, word):
     assert line == f"SANE predicts test accuracy {word} layer statistics (R² {sane:.2f} vs {stats:.2f})."
 
 
+@pytest.mark.parametrize(
+    ("both", "words"),
+    [(0.59, "SANE adds to them"), (0.574, "SANE adds nothing to them"),
+     (0.55, "the blend falls below them (the SANE weight chosen on validation did not hold on test)")],
+)
+def test_probe_verdict_says_whether_sane_adds_to_the_statistics(both, words):
+    line = probe_verdict("test_acc", {"sane": 0.53, "layer_stats": 0.57, "sane+stats": both}, "r2")
+    assert line == (f"SANE predicts test accuracy worse than layer statistics (R² 0.53 vs 0.57). Blended with layer "
+                    f"statistics on validation, {words} (R² {both:.2f} vs 0.57).")
+
+
 def test_probe_verdicts_name_raw_weights_and_skip_unmeasured():
     lines = probe_verdicts(
         {"activation": {"sane": 0.9, "layer_stats": 0.95, "raw": 0.5}, "epoch": {"sane": None, "layer_stats": 0.3}},
