@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_curves import DEFAULT_WORK, RESULTS, ROOT  # noqa: E402
 from quality import machine  # noqa: E402
+from render_readme import update_readme_block  # noqa: E402
 
 TARGETS = ("test_acc", "epoch", "ggap")
 METHODS = ("sane", "layer_stats", "sane+stats")
@@ -143,14 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result)
     (RESULTS / "blend_cv.md").write_text(text)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        begin, end = "<!-- blend:start -->", "<!-- blend:end -->"
-        if begin in content and end in content:
-            head, rest = content.split(begin, 1)
-            readme.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
-        else:
-            print("README has no <!-- blend:start --> / <!-- blend:end --> block; left alone", file=sys.stderr)
+        update_readme_block(ROOT / "README.md", "blend", text)
     print(text)
     return 0
 

@@ -394,14 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result)
     (RESULTS / "learning_curves.md").write_text(text)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        start, end = "<!-- curves:start -->", "<!-- curves:end -->"
-        if start in content and end in content:
-            head, rest = content.split(start, 1)
-            readme.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
-        else:
-            print("README has no <!-- curves:start --> / <!-- curves:end --> block; left alone", file=sys.stderr)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from render_readme import update_readme_block
+
+        update_readme_block(ROOT / "README.md", "curves", text)
     print(text)
     return 0
 

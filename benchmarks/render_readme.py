@@ -348,6 +348,17 @@ def _replace_block(text: str, name: str, body: str) -> tuple[str, bool]:
     return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1), True
 
 
+def update_readme_block(readme: Path, name: str, body: str) -> bool:
+    """Replace README's ``<!-- name:start -->`` … ``<!-- name:end -->`` block with ``body``; False (and a
+    message on stderr) when the markers are missing, and the file is left alone."""
+    text, found = _replace_block(readme.read_text(), name, body)
+    if found:
+        readme.write_text(text)
+    else:
+        print(f"{readme}: no <!-- {name}:start --> / <!-- {name}:end --> markers; left alone", file=sys.stderr)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quality", type=Path, default=RESULTS / "quality.json")
@@ -366,13 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(body)
         print(f"wrote {path}")
     if args.update_readme:
-        text = args.readme.read_text()
         for name, body in blocks.items():
-            text, found = _replace_block(text, name, body)
-            if not found:
-                print(f"{args.readme}: no <!-- {name}:start --> / <!-- {name}:end --> markers; left alone",
-                      file=sys.stderr)
-        args.readme.write_text(text)
+            update_readme_block(args.readme, name, body)
     return 0
 
 
