@@ -53,8 +53,9 @@ def measure(work: Path, zoo: str, folds: int, force: bool = False) -> dict[str, 
     if not runs or not (work / "zoos" / zoo).exists():
         return None
     cache = work / "blend" / f"{zoo}_folds{folds}.json"  # a zoo's result, reused unless --force
-    if cache.exists() and not force and json.loads(cache.read_text())["runs"] == [r.name for r in runs]:
-        return json.loads(cache.read_text())
+    cached = json.loads(cache.read_text()) if cache.exists() and not force else None
+    if cached is not None and cached["runs"] == [r.name for r in runs]:
+        return cached
     data = load_zoo(work / "zoos" / zoo)
     per_seed = []
     for run in runs:
@@ -77,10 +78,6 @@ def measure(work: Path, zoo: str, folds: int, force: bool = False) -> dict[str, 
 
 def _cell(entry: dict[str, float], seeds: int) -> str:
     return f"{entry['mean']:.3f} ± {entry['std']:.3f}" if seeds > 1 else f"{entry['mean']:.3f}"
-
-
-def _word(value: float, baseline: float) -> str:
-    return "level with" if abs(value - baseline) < LEVEL else "above" if value > baseline else "below"
 
 
 def render(result: dict[str, Any]) -> str:

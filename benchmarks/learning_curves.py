@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result)
     (RESULTS / "learning_curves.md").write_text(text)
     if args.update_readme:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        # benchmarks/ is on sys.path when this file runs as a script
         from render_readme import update_readme_block
 
         update_readme_block(ROOT / "README.md", "curves", text)

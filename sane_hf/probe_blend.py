@@ -38,7 +38,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sane_hf.probing import ProbeResult, ProbeResults
+from sane_hf.probing import ProbeResult, ProbeResults, _r2
 
 __all__ = ["SANE_WEIGHTS", "BLEND_METHOD", "blend_probe", "blend_probe_results"]
 
@@ -92,8 +92,6 @@ def blend_probe(sane: ProbeResult, stats: ProbeResult) -> ProbeResult:
         test = [np.asarray(r.predictions, dtype=np.float64) for r in (sane, stats)]
         losses = [float(((w * val[0] + (1 - w) * val[1] - y_val) ** 2).mean()) for w in SANE_WEIGHTS]
         w = SANE_WEIGHTS[int(np.argmin(losses))]  # argmin keeps the first (smallest w) of equal losses
-        from sane_hf.probing import _r2
-
         out.val_value = _r2(y_val, w * val[0] + (1 - w) * val[1])
         out.predictions = w * test[0] + (1 - w) * test[1]
         out.value = _r2(y_test, out.predictions)
@@ -117,7 +115,7 @@ def blend_probe(sane: ProbeResult, stats: ProbeResult) -> ProbeResult:
         out.predictions = labels[(w * test[0] + (1 - w) * test[1]).argmax(1)]
         out.value = float(np.mean([p == t for p, t in zip(out.predictions.tolist(), y_test.tolist())]))
     out.alpha = w
-    if out.value is not None and isinstance(out.value, float) and math.isnan(out.value):
+    if math.isnan(out.value):
         out.note = "the test targets are constant: R² is undefined"
     return out
 

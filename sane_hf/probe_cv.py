@@ -130,17 +130,17 @@ def cross_validate_zoo_probes(
     groups = model_folds(ids, folds, seed)
 
     notes: list[str] = []
-    wanted, methods = tuple(methods), methods_to_probe(methods)
+    needed = methods_to_probe(methods)  # the asked methods and the parts of a blend
     features: dict[str, np.ndarray] = {}
     raw_ok = "raw" in methods and tokenizer.num_params <= raw_max_params
     if "raw" in methods and not raw_ok:
         notes.append(f"raw: skipped, the models have {tokenizer.num_params} weights (> raw_max_params={raw_max_params})")
     embeddings: dict[str, np.ndarray] = {}
-    if "sane" in methods:
+    if "sane" in needed:
         out = embed_models(model, tokenizer, rows, window=window, halo=halo, batch_size=batch_size, pooling=pooling,
                            normalize=normalize, progress=progress)  # fmt: skip
         embeddings["all"] = features["sane"] = out.embeddings.numpy().astype(np.float64)
-    if "layer_stats" in methods:
+    if "layer_stats" in needed:
         features["layer_stats"] = layer_statistics(rows, tokenizer)
     if raw_ok:
         features["raw"] = raw_weights(rows, tokenizer, max_params=raw_max_params)
@@ -152,28 +152,29 @@ def cross_validate_zoo_probes(
     def take(values: Any, index: np.ndarray) -> Any:
         return [values[i] for i in index]
 
-    probed = [m for m in methods if m in features or m == "sane+stats"]
-    per_fold: dict[str, dict[str, list[float | None]]] = {t: {m: [] for m in probed} for t in targets}
-    pooled: dict[str, dict[str, list[ProbeResult]]] = {m: {t: [] for t in targets} for m in probed}
+    probed = [m for m in needed if m in features or m == "sane+stats"]
+    reported = [m for m in probed if m in methods]
+    per_fold: dict[str, dict[str, list[float | None]]] = {t: {m: [] for m in reported} for t in targets}
+    pooled: dict[str, dict[str, list[ProbeResult]]] = {m: {t: [] for t in targets} for m in reported}
     for k in range(folds):
         test = np.flatnonzero(row_fold == k)
         val = np.flatnonzero(row_fold == (k + 1) % folds)
         train = np.flatnonzero((row_fold != k) & (row_fold != (k + 1) % folds))
         split_props = [{c: take(properties[c], index) for c in targets} for index in (train, val, test)]
-        fold_results: dict[str, ProbeResults] = {}
+        by_method: dict[str, ProbeResults] = {}
         for method in probed:
             if method == "sane+stats":
                 from sane_hf.probe_blend import blend_probe_results
 
-                results = blend_probe_results(fold_results["sane"], fold_results["layer_stats"])
+                results = blend_probe_results(by_method["sane"], by_method["layer_stats"])
             else:
                 x = features[method]
                 results = probe_properties(
                     (x[train], split_props[0]), (x[val], split_props[1]), (x[test], split_props[2]), targets,
                     categorical=categorical, refit=refit, num_threads=num_threads,
                 )  # fmt: skip
-            fold_results[method] = results
-            if method not in wanted:
+            by_method[method] = results
+            if method not in reported:
                 continue
             for target, result in results.items():
                 per_fold[target][method].append(_score(metric, result))
@@ -184,7 +185,6 @@ def cross_validate_zoo_probes(
     metrics: dict[str, dict[str, float | None]] = {}
     std: dict[str, dict[str, float | None]] = {}
     metric_names: dict[str, str] = {}
-    methods = wanted
     for target in targets:
         metrics[target], std[target] = {}, {}
         for method in methods:
@@ -197,8 +197,6 @@ def cross_validate_zoo_probes(
     # out-of-fold predictions, one ProbeResult per method and target (for the predicted-vs-true plot)
     results: dict[str, ProbeResults] = {}
     for method, by_target in pooled.items():
-        if method not in wanted:
-            continue
         results[method] = ProbeResults()
         for target, fold_results in by_target.items():
             scored = [r for r in fold_results if not r.skipped and r.predictions is not None]

@@ -646,9 +646,8 @@ def evaluate_zoo_probes(
             raise ValueError(f"the zoo's {name} split has no 'weights' column: pass a raw zoo (load_zoo(path))")
 
     notes: list[str] = []
-    wanted = methods
-    methods = methods_to_probe(methods)
-    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods if m != "sane+stats"}
+    probed = methods_to_probe(methods)  # the asked methods and the parts of a blend
+    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in probed if m != "sane+stats"}
     properties: dict[str, dict[str, list[Any]]] = {}
     embeddings: dict[str, np.ndarray] = {}
     raw_ok = "raw" in methods and tokenizer.num_params <= raw_max_params
@@ -659,19 +658,19 @@ def evaluate_zoo_probes(
     for name, ds in splits.items():
         extra = [c for c in extra_columns if c in ds.column_names and c not in targets and c != "model_id"]
         properties[name] = ds.select_columns(["model_id", *targets, *extra]).with_format(None).to_dict()
-        if "sane" in methods:
+        if "sane" in probed:
             out = embed_models(
                 model, tokenizer, ds, window=window, halo=halo, batch_size=batch_size, pooling=pooling,
                 normalize=normalize, progress=progress,
             )
             embeddings[name] = features["sane"][name] = out.embeddings.numpy().astype(np.float64)
-        if "layer_stats" in methods:
+        if "layer_stats" in probed:
             features["layer_stats"][name] = layer_statistics(ds, tokenizer)
         if raw_ok:
             features["raw"][name] = raw_weights(ds, tokenizer, max_params=raw_max_params)
 
     results: dict[str, ProbeResults] = {}
-    for method in methods:
+    for method in probed:
         if method == "raw" and not raw_ok:
             continue
         if method == "sane+stats":
@@ -685,12 +684,11 @@ def evaluate_zoo_probes(
                 (f["test"], properties["test"]), targets, categorical=categorical, alphas=alphas, Cs=Cs,
                 refit=refit, num_threads=num_threads,
             )
-        if method in wanted:
+        if method in methods:
             for target, result in results[method].items():
                 if result.note:
                     notes.append(f"{method}/{target}: {result.note}")
-    methods = tuple(wanted)
-    results = {m: r for m, r in results.items() if m in methods}
+    results = {m: r for m, r in results.items() if m in methods}  # a blend's parts only when asked for
 
     metric_names: dict[str, str] = {}
     metrics: dict[str, dict[str, float | None]] = {}
