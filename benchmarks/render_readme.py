@@ -25,7 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights"}
+METHOD_NAMES = {"sane": "SANE", "layer_stats": "layer statistics", "raw": "raw weights",
+                "sane+stats": "SANE + layer statistics"}
 GROUP_NAMES = {"sampled": "SANE samples", "random_init": "random init", "noise": "prompts + noise (matched distance)",
                "noise_matched_accuracy": "prompts + noise (matched accuracy)",
                "aligned_average": "aligned prompt average", "prompts": "prompts (zoo models)"}
@@ -98,17 +99,18 @@ def render_results(q: dict[str, Any]) -> str:
         out += ["### Property prediction", "",
                 "Linear probes on the test models (Ridge R² for `test_acc`, `epoch`, `ggap`; logistic-regression "
                 "accuracy for the hyperparameters), penalty chosen on validation. SANE columns are mean ± std over "
-                "the SANE training seeds listed; the baselines do not depend on the SANE seed.", ""]
+                "the SANE training seeds listed; the baselines do not depend on the SANE seed. *SANE + layer statistics* "
+                "is the `sane+stats` probe: the two probes' outputs blended with a SANE weight chosen on validation "
+                "(`sane_hf/probe_blend.py`).", ""]
         for z in probed:
             seeds = [t["seed"] for t in z.get("training", [])]
             names = z.get("metric_names") or {}
             rows = []
             for target, by in z["probe"].items():
-                rows.append([f"`{target}`", names.get(target, "")] +
-                            [_ms(by.get(meth)) for meth in ("sane", "layer_stats", "raw")])
+                rows.append([f"`{target}`", names.get(target, "")] + [_ms(by.get(meth)) for meth in METHOD_NAMES])
             out.append(f"**`{z['name']}`** — SANE seeds {seeds}")
             out.append("")
-            out.append(_table(["property", "metric", "SANE", "layer statistics", "raw weights"], rows))
+            out.append(_table(["property", "metric", *METHOD_NAMES.values()], rows))
             out.append("")
             tr = z.get("training") or []
             if tr:
