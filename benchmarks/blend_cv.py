@@ -29,9 +29,9 @@ from statistics import mean, pstdev
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_curves import DEFAULT_WORK, RESULTS, ROOT  # noqa: E402
+from learning_curves import DEFAULT_WORK  # noqa: E402
 from quality import machine  # noqa: E402
-from render_readme import update_readme_block  # noqa: E402
+from render_readme import write_results  # noqa: E402
 
 TARGETS = ("test_acc", "epoch", "ggap")
 METHODS = ("sane", "layer_stats", "sane+stats")
@@ -134,14 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "folds": args.folds, "zoos": zoos, "seconds": round(time.perf_counter() - start, 1),
               "command": "python benchmarks/blend_cv.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                                            if (argv or sys.argv[1:]) else "")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / "blend_cv.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, RESULTS / "blend_cv.json")
     text = render(result)
-    (RESULTS / "blend_cv.md").write_text(text)
-    if args.update_readme:
-        update_readme_block(ROOT / "README.md", "blend", text)
+    write_results("blend_cv", result, text, "blend" if args.update_readme else None)
     print(text)
     return 0
 

@@ -388,16 +388,12 @@ def main(argv: list[str] | None = None) -> int:
                                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
         for proc in running:
             proc.wait()
-    result = collect(work)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "learning_curves.json").write_text(json.dumps(result, indent=1))
-    text = render(result)
-    (RESULTS / "learning_curves.md").write_text(text)
-    if args.update_readme:
-        # benchmarks/ is on sys.path when this file runs as a script
-        from render_readme import update_readme_block
+    # benchmarks/ is on sys.path when this file runs as a script
+    from render_readme import write_results
 
-        update_readme_block(ROOT / "README.md", "curves", text)
+    result = collect(work)
+    text = render(result)
+    write_results("learning_curves", result, text, "curves" if args.update_readme else None)
     print(text)
     return 0
 

@@ -361,6 +361,17 @@ def update_readme_block(readme: Path, name: str, body: str) -> bool:
     return found
 
 
+def write_results(stem: str, result: Any, text: str, readme_block: str | None = None) -> None:
+    """``results/<stem>.json`` (atomically) and ``results/<stem>.md``; with ``readme_block``, README's block too."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(RESULTS / f"{stem}.json")
+    (RESULTS / f"{stem}.md").write_text(text)
+    if readme_block:
+        update_readme_block(ROOT / "README.md", readme_block, text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quality", type=Path, default=RESULTS / "quality.json")
