@@ -18,7 +18,11 @@ small test split, which is why this diagnosis uses it. Features:
 - ``SANE reconstructions: layer mean + std``: the decoded latents, read out like the tokens;
 - ``SANE latents or reconstructions, chosen by inner CV``: per outer fold and target, whichever
   of the two SANE readouts has the lower inner grouped-CV error (as a probe would choose between
-  them on its validation split), scored on the held-out fold.
+  them on its validation split), scored on the held-out fold;
+- ``untrained SANE encoder: layer mean + std``: the control every learned representation needs —
+  the same readout from a SANE of the same config that was never trained (``--untrained-seeds``
+  initialisations, mean R² reported, each seed's value in the JSON). The difference to the
+  trained latents is what self-supervised training added.
 
 ::
 
@@ -45,6 +49,7 @@ from sklearn.preprocessing import StandardScaler
 
 TARGETS = ("test_acc", "epoch", "ggap")
 SPLITS = ("train", "validation", "test")
+UNTRAINED = "untrained SANE encoder: layer mean + std"
 
 
 def cv_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON to write (default: benchmarks/results/readout_diagnosis_<zoo folder name>.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
+    parser.add_argument("--untrained-seeds", type=int, default=3,
+                        help="initialisations of the untrained-encoder control (0 to skip it)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path(__file__).parent / "results" / f"readout_diagnosis_{args.zoo.name}.json"
@@ -109,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     zoo = load_zoo(args.zoo)
     model = SaneModel.from_pretrained(args.model).eval()
     tokenizer = WeightTokenizer.from_pretrained(args.model)
+    untrained = []
+    for seed in range(args.untrained_seeds):  # same config, never trained: what training adds is the difference
+        torch.manual_seed(seed)
+        untrained.append(SaneModel(model.config).eval())
     tokens, latents, recon, stats, ys, groups = [], [], [], [], {t: [] for t in TARGETS}, []
+    untrained_pooled: list[list[np.ndarray]] = [[] for _ in untrained]
     for split in SPLITS:
         ds = zoo[split]
         encoded = tokenizer.encode_batch([state_dict_from_bytes(b) for b in ds["weights"]], normalize=True)
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens.append(encoded.tokens.double())
         recon.append((out * encoded.mask).double())  # padding values are not part of a model
         latents.append(z.double())
+        for pooled, control in zip(untrained_pooled, untrained):
+            pooled.append(embed_models(control, tokenizer, ds, pooling="layer", batch_size=64).embeddings.double().numpy())
         stats.append(layer_statistics(ds, tokenizer))
         for t in TARGETS:
             ys[t].append(np.asarray(ds[t], dtype=np.float64))
@@ -152,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[name][t] = round(rows[name][t], 4)
         choices[t] = ["latents" if i == 0 else "reconstructions" for i in picked]
     print(f"{name:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[name].items()), flush=True)
+    untrained_seeds = {}
+    if untrained:
+        per_seed = [{t: cv_r2(np.concatenate(pooled), y[t], g) for t in TARGETS} for pooled in untrained_pooled]
+        untrained_seeds = {t: [round(r[t], 4) for r in per_seed] for t in TARGETS}
+        rows[UNTRAINED] = {t: round(float(np.mean([r[t] for r in per_seed])), 4) for t in TARGETS}
+        print(f"{UNTRAINED:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[UNTRAINED].items()), flush=True)
     sane, baseline = rows["SANE latents: layer mean + std"]["test_acc"], rows["layer statistics"]["test_acc"]
     def compare(value: float) -> str:  # CV R² differences under 0.01 are well inside the seed-to-seed spread
         return "is level with" if abs(value - baseline) < 0.01 else "beats" if value > baseline else "loses to"
@@ -160,13 +180,20 @@ def main(argv: list[str] | None = None) -> int:
                f"(CV R² {sane:.3f} vs {baseline:.3f}); decoded, the same latents give "
                f"{rows['SANE reconstructions: layer mean + std']['test_acc']:.3f}, and choosing between the two "
                f"by inner CV {rows[name]['test_acc']:.3f} ({compare(rows[name]['test_acc'])} layer statistics).")
+    if untrained:
+        control = rows[UNTRAINED]["test_acc"]
+        gain = sane - control
+        added = "adds nothing measurable to" if abs(gain) < 0.01 else "adds to" if gain > 0 else "falls below"
+        verdict += (f" Self-supervised training {added} an untrained encoder of the same config "
+                    f"({sane:.3f} vs {control:.3f}, mean of {len(untrained)} initialisations).")
     print(verdict)
     from quality import machine  # benchmarks/ is on sys.path when this file runs as a script
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": str(args.model), "zoo": str(args.zoo), "machine": machine(), "cv": "5-fold GroupKFold by model_id",
-        "rows": rows, "chosen_per_fold": choices, "verdict": verdict, "seconds": round(time.perf_counter() - start, 1),
+        "rows": rows, "chosen_per_fold": choices, "untrained_per_seed": untrained_seeds, "verdict": verdict,
+        "seconds": round(time.perf_counter() - start, 1),
         "command": "python benchmarks/readout_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": "$WORK: benchmarks/learning_curves.py's work dir; --model $WORK/runs/<zoo>_recipe_s<seed>",
     }, indent=1) + "\n")
