@@ -52,6 +52,10 @@ SPLITS = ("train", "validation", "test")
 UNTRAINED = "untrained SANE encoder: layer mean + std"
 
 
+def _print_row(name: str, row: dict[str, float]) -> None:
+    print(f"{name:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in row.items()), flush=True)
+
+
 def cv_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
     """Out-of-fold R² of a standardised Ridge, penalty chosen by inner grouped CV."""
     pred = np.zeros_like(y)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         recon.append((out * encoded.mask).double())  # padding values are not part of a model
         latents.append(z.double())
         for pooled, control in zip(untrained_pooled, untrained):
-            pooled.append(embed_models(control, tokenizer, ds, pooling="layer", batch_size=64).embeddings.double().numpy())
+            pooled.append(embed_models(control, tokenizer, encoded, pooling="layer", batch_size=64).embeddings.double().numpy())
         stats.append(layer_statistics(ds, tokenizer))
         for t in TARGETS:
             ys[t].append(np.asarray(ds[t], dtype=np.float64))
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, x in features.items():
         rows[name] = {t: round(cv_r2(x, y[t], g), 4) for t in TARGETS}
-        print(f"{name:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[name].items()), flush=True)
+        _print_row(name, rows[name])
     name = "SANE latents or reconstructions, chosen by inner CV"
     pair = [features["SANE latents: layer mean + std"], features["SANE reconstructions: layer mean + std"]]
     rows[name], choices = {}, {}
@@ -165,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         rows[name][t], picked = cv_r2_chosen(pair, y[t], g)
         rows[name][t] = round(rows[name][t], 4)
         choices[t] = ["latents" if i == 0 else "reconstructions" for i in picked]
-    print(f"{name:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[name].items()), flush=True)
+    _print_row(name, rows[name])
     untrained_seeds = {}
     if untrained:
         per_seed = [{t: cv_r2(np.concatenate(pooled), y[t], g) for t in TARGETS} for pooled in untrained_pooled]
         untrained_seeds = {t: [round(r[t], 4) for r in per_seed] for t in TARGETS}
         rows[UNTRAINED] = {t: round(float(np.mean([r[t] for r in per_seed])), 4) for t in TARGETS}
-        print(f"{UNTRAINED:46s} " + "  ".join(f"{t} {v:+.3f}" for t, v in rows[UNTRAINED].items()), flush=True)
+        _print_row(UNTRAINED, rows[UNTRAINED])
     sane, baseline = rows["SANE latents: layer mean + std"]["test_acc"], rows["layer statistics"]["test_acc"]
     def compare(value: float) -> str:  # CV R² differences under 0.01 are well inside the seed-to-seed spread
         return "is level with" if abs(value - baseline) < 0.01 else "beats" if value > baseline else "loses to"
